@@ -1,0 +1,38 @@
+# Two commands for a fresh machine with Python 3.11 and make:
+#   make lab    set up .venv (once) and open the course in JupyterLab at notebooks/
+#   make test   set up .venv (once) and run the whole test suite, notebooks included
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch is plenty for the course; override for CUDA, e.g. TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.sara-edu-installed
+PYTEST_ARGS ?=
+
+.PHONY: lab test setup data study bench clean-venv
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes: a second `make test` installs nothing.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerate the shipped model, checkpoints and classifier in data/ (about 45 min on a 2-core CPU).
+data: $(STAMP)
+	$(PY) -m sara_edu.recipes.pretrain
+	$(PY) -m sara_edu.recipes.classifier
+
+bench: $(STAMP)
+	$(PY) benchmarks/memory_time.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,31 @@
+"""sara-edu: learn and use SaRA (progressive sparse low-rank adaptation) next to LoRA.
+
+Importing the package is cheap: submodules (and torch/diffusers behind them)
+load on first use, e.g. ``sara_edu.load_pretrained`` or ``from sara_edu.sara import SaRA``.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# name -> submodule that defines it; resolved lazily by __getattr__
+_EXPORTS = {
+    "load_pretrained": "model", "generate": "model", "TinyDiffusion": "model", "build_unet": "model",
+    "save_pretrained": "model", "list_checkpoints": "model",
+    "make_prompt": "text", "TinyTextEncoder": "text", "STYLES": "text",
+    "StyleDataset": "data", "ImageFolderDataset": "data", "load_digits_images": "data",
+    "train": "train", "FullFineTuning": "train", "TrainingMethod": "train", "pick_device": "train",
+    "SaraEduError": "errors", "CheckpointError": "errors", "DataError": "errors",
+    "ConfigError": "errors", "PromptError": "errors",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sara_edu' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

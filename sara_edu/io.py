@@ -1,0 +1,84 @@
+"""Safe reading and writing of weights: safetensors only, atomic writes.
+
+An interrupted save never leaves a half-written file: we write to a temporary
+file in the same folder and ``os.replace`` it into place (atomic on POSIX and
+Windows), so the old file stays intact until the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+
+def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; saved weights are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        # KeyboardInterrupt included: remove the partial file, keep the old one.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> Path:
+    """Save a flat dict of tensors as safetensors, atomically.
+
+    ``metadata`` values may be any JSON-serialisable object; they are stored
+    as JSON strings in the safetensors header.
+    """
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path) -> dict:
+    """Read the JSON metadata of a safetensors file without loading tensors."""
+    from safetensors import safe_open
+
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}). It may be truncated or "
+            "corrupt: re-create it (see README, 'Regenerating the data')."
+        ) from e
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a safetensors file, returning (tensors, metadata) with clear errors."""
+    path = _existing(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); re-create it or restore it from git.") from e
+    return tensors, meta
+
+
+def _existing(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist. Check the path, or run "
+                              "`make data` to regenerate the shipped files.")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: sara-edu reads weights only from .safetensors files (never pickle).")
+    return path
