@@ -27,8 +27,13 @@ class TrainingMethod:
 
     name = "method"
 
-    def build_optimizer(self, unet: nn.Module, lr: float, weight_decay: float,
+    def build_optimizer(self, unet: nn.Module, *, lr: float, weight_decay: float, total_steps: int,
                         betas=(0.9, 0.999)) -> torch.optim.Optimizer:
+        """Freeze/inject what the method needs on ``unet`` and return its optimizer.
+
+        ``total_steps`` is the length of the run (SaRA uses it for progressive
+        adjustment at half of training by default).
+        """
         raise NotImplementedError
 
     def trainable_parameters(self, unet: nn.Module) -> int:
@@ -42,7 +47,7 @@ class FullFineTuning(TrainingMethod):
 
     name: str = "full"
 
-    def build_optimizer(self, unet, lr, weight_decay, betas=(0.9, 0.999)):
+    def build_optimizer(self, unet, *, lr, weight_decay, total_steps, betas=(0.9, 0.999)):
         unet.requires_grad_(True)
         return torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
 
@@ -93,7 +98,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     """Fine-tune ``pipe.unet`` on ``dataset`` with ``method``; return the history.
 
     ``pipe`` is a :class:`~sara_edu.model.TinyDiffusion` (or anything with ``unet``,
-    ``encode(prompts)`` and ``scheduler_config``). The history has one row per
+    ``encode(prompts)``, ``scheduler_config``, ``to(device)`` and optionally
+    ``encode_images(pixels) -> latents`` for latent diffusion). The history has one row per
     step: ``step, loss, lr, step_time_s, peak_memory_mb``. On CUDA the peak is the
     allocator's; on CPU it comes from ``memory_tracker`` when one is given (see
     :mod:`sara_edu.memory`), else it is NaN.
@@ -121,7 +127,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     pipe.to(device)
     unet = pipe.unet
     unet.train()
-    optimizer = method.build_optimizer(unet, lr=lr, weight_decay=weight_decay)
+    optimizer = method.build_optimizer(unet, lr=lr, weight_decay=weight_decay, total_steps=steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     noise_sched = noise_scheduler(getattr(pipe, "scheduler_config", None))
@@ -141,6 +147,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
             drop = torch.rand(len(prompts), generator=gen) < cond_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop)]
         x0 = images.to(device)
+        if hasattr(pipe, "encode_images"):  # latent diffusion (Stable Diffusion): pixels -> VAE latents
+            x0 = pipe.encode_images(x0)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, T, (len(x0),), generator=gen).to(device)
         xt = noise_sched.add_noise(x0, noise, t)
