@@ -14,8 +14,20 @@ _EXPORTS = {
     "make_prompt": "text", "TinyTextEncoder": "text", "STYLES": "text",
     "StyleDataset": "data", "ImageFolderDataset": "data", "load_digits_images": "data",
     "train": "train", "FullFineTuning": "train", "TrainingMethod": "train", "pick_device": "train",
+    "load_stable_diffusion": "sd", "generate_sd": "sd", "tiny_sd_pipeline": "sd",
+    "StableDiffusionAdapter": "sd",
+    "show_images": "course", "environment_report": "course", "choose": "course", "QUICK": "course",
+    "interactive_or_static": "widgets",
+    "weight_stats": "weights", "kind_stats": "weights", "parameter_kind": "weights",
+    "prune_below": "pruning", "pruned_copy": "pruning", "fraction_below": "pruning",
+    "threshold_for_fraction": "pruning", "quality_vs_pruning": "pruning",
     "SaraEduError": "errors", "CheckpointError": "errors", "DataError": "errors",
     "ConfigError": "errors", "PromptError": "errors",
+    "SaRA": "sara", "SaRAAdamW": "sara", "save_sparse": "sara", "load_sparse": "sara",
+    "nuclear_norm_penalty": "sara",
+    "SelectiveFineTuning": "selective", "select_parameters": "selection",
+    "load_classifier": "classifier", "fid_analogue": "metrics", "prompt_agreement": "metrics",
+    "vlhi": "metrics", "vlhi_table": "metrics", "evaluate": "metrics", "per_digit_recognition": "metrics",
 }
 
 

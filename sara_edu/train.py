@@ -94,7 +94,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
           batch_size: int = 32, weight_decay: float = 1e-2, warmup_steps: int = 0,
           max_grad_norm: float | None = 1.0, seed: int = 0, device=None, mixed_precision: str | None = None,
           cond_dropout: float = 0.0, progress: bool = True, desc: str | None = None,
-          callback=None, memory_tracker=None) -> pd.DataFrame:
+          callback=None, memory_tracker=None, stop_after: int | None = None) -> pd.DataFrame:
     """Fine-tune ``pipe.unet`` on ``dataset`` with ``method``; return the history.
 
     ``pipe`` is a :class:`~sara_edu.model.TinyDiffusion` (or anything with ``unet``,
@@ -103,6 +103,10 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     step: ``step, loss, lr, step_time_s, peak_memory_mb``. On CUDA the peak is the
     allocator's; on CPU it comes from ``memory_tracker`` when one is given (see
     :mod:`sara_edu.memory`), else it is NaN.
+
+    ``stop_after`` runs only the first steps of a ``steps``-long schedule (the
+    learning-rate schedule is still the one for ``steps``), e.g. to check that a
+    recipe reproduces its logged losses.
 
     ``callback(step, pipe, optimizer)`` runs after every optimizer step, e.g. to
     save intermediate checkpoints. ``cond_dropout`` replaces that fraction of
@@ -136,7 +140,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     scaler = torch.amp.GradScaler("cuda") if mixed_precision == "fp16" else None
     batches = _batches(dataset, batch_size, gen)
     rows = []
-    bar = tqdm(range(1, steps + 1), desc=desc or f"{method.name}", disable=not progress, leave=False)
+    last = steps if stop_after is None else min(steps, stop_after)
+    bar = tqdm(range(1, last + 1), desc=desc or f"{method.name}", disable=not progress, leave=False)
     for step in bar:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -180,7 +185,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
         dt = time.perf_counter() - t0
         rows.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                      "step_time_s": dt, "peak_memory_mb": peak})
-        if step % 10 == 0 or step == steps:
+        if step % 10 == 0 or step == last:
             bar.set_postfix(loss=f"{pd.Series([r['loss'] for r in rows[-10:]]).mean():.4f}")
         if callback is not None:
             callback(step, pipe, optimizer)

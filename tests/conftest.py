@@ -1,0 +1,16 @@
+import pytest
+import torch
+
+from sara_edu.model import TinyDiffusion, build_unet
+from sara_edu.text import TinyTextEncoder
+
+
+@pytest.fixture
+def tiny_pipe():
+    """A randomly initialised course model (same config as the shipped one)."""
+    return TinyDiffusion(build_unet(seed=0), TinyTextEncoder(seed=0))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

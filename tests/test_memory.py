@@ -1,0 +1,150 @@
+"""The CPU memory tracker against bytes counted by hand (float32: 4 bytes a number)."""
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from sara_edu.data import StyleDataset
+from sara_edu.errors import ConfigError
+from sara_edu.memory import CATEGORIES, MB, MemoryTracker, measure_step_time, memory_table, tensor_bytes
+from sara_edu.train import FullFineTuning, train
+
+
+def test_a_known_size_tensor_and_its_release():
+    with MemoryTracker() as tracker:
+        a = torch.empty(1000, dtype=torch.float64)
+        assert tracker.current_bytes == tracker.peak_bytes == 8000
+        b = torch.ones(10, 10)  # 400 bytes
+        assert tracker.current_bytes == tracker.peak_bytes == 8400
+        del a
+        assert tracker.current_bytes == 400 and tracker.peak_bytes == 8400
+        del b
+    assert tracker.current_bytes == 0 and tracker.peak_bytes == 8400
+
+
+def test_views_and_in_place_ops_are_not_counted_twice():
+    before = torch.randn(50)
+    with MemoryTracker() as tracker:
+        a = torch.zeros(1000)
+        views = [a[:500], a.view(10, 100), a.view(10, 100).t(), a.unsqueeze(0), a.detach()]
+        a.add_(1).mul_(2)
+        _ = before.view(5, 10), before[3:]  # views of a tensor from before the block: nothing new
+        assert tracker.current_bytes == 4000
+        del a
+        assert tracker.current_bytes == 4000  # the views keep the storage alive
+        views.clear()
+        assert tracker.current_bytes == 0
+
+
+def test_linear_forward_and_backward_exactly():
+    lin = nn.Linear(64, 32)
+    x, g = torch.randn(16, 64), torch.randn(16, 32)
+    with MemoryTracker() as tracker:
+        y = lin(x)  # the output: 16 x 32
+        assert tracker.current_bytes == 16 * 32 * 4
+        y.backward(g)  # weight grad 32 x 64 + bias grad 32; x needs no grad
+        grads = (32 * 64 + 32) * 4
+        assert tracker.current_bytes == tracker.peak_bytes == 16 * 32 * 4 + grads
+        del y
+        assert tracker.current_bytes == grads == tensor_bytes([lin.weight.grad, lin.bias.grad])
+
+
+def test_allocations_of_the_autograd_engine_are_seen():
+    lin = nn.Linear(64, 32)
+    loss = lin(torch.randn(16, 64)).square().mean()  # graph built before tracking
+    with MemoryTracker() as tracker:
+        loss.backward()  # only the engine runs inside the block
+    assert tracker.current_bytes == (32 * 64 + 32) * 4
+    assert tracker.peak_bytes >= tracker.current_bytes + 16 * 32 * 4  # plus the output-sized grads
+
+
+def test_adamw_state_is_exactly_two_copies_plus_step_counters():
+    lin = nn.Linear(64, 32)
+    weights = (32 * 64 + 32) * 4
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-3)
+    with MemoryTracker() as tracker:
+        tracker.watch(opt)
+        for _ in range(2):
+            lin(torch.randn(16, 64)).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    step_counters = 2 * 4  # one float32 scalar per parameter tensor
+    assert tracker.current_bytes == 2 * weights + step_counters
+    report = tracker.report(lin, opt)
+    assert report.optimizer_state == 2 * weights + step_counters
+    assert report.trainable_values == weights  # existed before: not in peak_bytes, but trained
+    assert report.gradients == weights
+    assert report.frozen_weights == 0 and report.method_buffers == 0
+    assert report.peak_above_frozen == tracker.peak_bytes + weights
+    assert sum(getattr(report, c) for c in CATEGORIES) == report.peak_above_frozen
+
+
+def test_breakdown_separates_frozen_from_trainable_and_new_parameters():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    model[0].requires_grad_(False)
+    frozen, trained = (64 * 32 + 32) * 4, (32 * 16 + 16) * 4
+    with MemoryTracker(model=model) as tracker:
+        model.append(nn.Linear(16, 8))  # created inside the block, like a LoRA adapter
+        new = (16 * 8 + 8) * 4
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        tracker.watch(opt)
+        model(torch.randn(4, 64)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    r = tracker.report(model, opt)
+    assert r.frozen_weights == frozen
+    assert r.trainable_values == trained + new
+    assert r.optimizer_state == 2 * (trained + new) + 4 * 4
+    assert r.peak_above_frozen == tracker.peak_bytes + trained
+    table = memory_table({"toy": r})
+    assert set(table.columns) == {"method", "category", "MB"}
+    assert table.MB.sum() * MB == pytest.approx(r.peak_above_frozen)
+
+
+def test_tracker_in_the_training_loop(tiny_pipe):
+    unet = tiny_pipe.unet
+    params = list(unet.parameters())
+    weights = tensor_bytes(params)
+    ds = StyleDataset(None, digits=[3], limit_per_digit=8)
+    with MemoryTracker(model=unet) as tracker:
+        h = train(tiny_pipe, ds, tracker.watching(FullFineTuning()), steps=2, batch_size=4, progress=False,
+                  memory_tracker=tracker)
+    assert h.peak_memory_mb.iloc[-1] == pytest.approx(tracker.peak_bytes / MB)
+    # full fine-tuning holds gradients and two AdamW moments of every weight at once
+    assert tracker.peak_bytes >= 3 * weights
+    report = tracker.report(unet)  # the tracker kept the optimizer it watched
+    assert report.frozen_weights == 0 and report.trainable_values == weights
+    assert report.optimizer_state == 2 * weights + 4 * len(params)
+    assert report.gradients <= weights  # (the peak may be at the end of the forward pass, before any)
+    assert sum(getattr(report, c) for c in CATEGORIES) == report.peak_above_frozen
+
+
+def test_stop_ends_counting_but_keeps_subtracting():
+    tracker = MemoryTracker().__enter__()
+    a = torch.ones(100)
+    tracker.stop()
+    tracker.stop()  # idempotent
+    b = torch.ones(1000)
+    assert tracker.current_bytes == 400
+    del a
+    assert tracker.current_bytes == 0 and tracker.peak_bytes == 400
+    with pytest.raises(ConfigError):
+        with tracker:
+            pass
+    del b
+
+
+def test_measure_step_time_is_the_median_after_warmup():
+    durations = iter([0.3, 0.3, 0.01, 0.05, 0.02])  # two slow warm-up calls, then 10, 50, 20 ms
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    t = measure_step_time(fn, warmup=2, repeats=3)
+    assert len(calls) == 5
+    assert 0.015 <= t < 0.045
+    with pytest.raises(ConfigError):
+        measure_step_time(fn, repeats=0)
