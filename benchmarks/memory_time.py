@@ -243,7 +243,17 @@ def saved_file_bytes(name, method, unet, folder: Path) -> float:
     if isinstance(method, LoRA):
         save_lora(unet, path)
     elif hasattr(method, "save"):  # SaRA / selective: sparse (positions + values)
-        method.save(path)
+        try:
+            method.save(path)
+        except Exception as e:  # report the size anyway: the raw bytes of positions + values
+            print(f"  ! {name}: save failed ({type(e).__name__}: {e}); reporting the raw size of its "
+                  "positions + values instead", flush=True)
+            from sara_edu.selection import index_dtype_for
+
+            own = dict(unet.named_parameters())
+            return sum(idx.numel() * (torch.empty(0, dtype=index_dtype_for(own[n].numel())).element_size()
+                                      + own[n].element_size())
+                       for n, idx in method.optimizer.trained_entries().items())
     else:  # full fine-tuning: the whole fp32 state dict
         n = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
         if n > 2**30:  # don't write gigabytes: safetensors = a small JSON header + the raw tensors

@@ -26,6 +26,9 @@ _EXPORTS = {
     "SaRA": "sara", "SaRAAdamW": "sara", "save_sparse": "sara", "load_sparse": "sara",
     "nuclear_norm_penalty": "sara",
     "SelectiveFineTuning": "selective", "select_parameters": "selection",
+    "LoRA": "lora", "lora_rank_matching": "lora", "save_lora": "lora", "load_lora": "lora", "merge_lora": "lora",
+    "MemoryTracker": "memory", "MemoryReport": "memory", "measure_step_time": "memory",
+    "plot_memory_breakdown": "memory",
     "load_classifier": "classifier", "fid_analogue": "metrics", "prompt_agreement": "metrics",
     "vlhi": "metrics", "vlhi_table": "metrics", "evaluate": "metrics", "per_digit_recognition": "metrics",
 }

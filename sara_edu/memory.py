@@ -25,10 +25,20 @@ course compares between methods:
 * **activations + transients**: everything else live at the peak, i.e. the
   peak minus the categories above *that were live at the moment of the peak*.
 
+``peak_above_frozen`` = the tracked peak + the weights that existed before the
+block and are trained (full fine-tuning trains the model's own weights).
+
 To know what was live at the peak, every allocation and free gets a sequence
-number; the peak remembers its number. A tensor classified later (by
-:meth:`MemoryTracker.snapshot`, which looks at the model and optimizer) counts in
-its category only if it was allocated before and freed after the peak.
+number and the peak remembers its number. Tensors are classified while they
+exist: just before every optimizer step (:meth:`MemoryTracker.watch`, or
+:meth:`MemoryTracker.watching` around a training method) and at the end
+(:meth:`MemoryTracker.report`). A classified tensor counts in its category if
+it was allocated before, and freed after, the peak. Typical use::
+
+    tracker = MemoryTracker(model=pipe.unet)
+    with tracker:
+        train(pipe, data, tracker.watching(SaRA()), steps=2, memory_tracker=tracker)
+    print(tracker.report(pipe.unet))
 """
 from __future__ import annotations
 
@@ -183,11 +193,23 @@ class MemoryTracker:
     # --------------------------------------------------------------- counting
     @property
     def peak_bytes(self) -> int:
-        """Highest total of tracked bytes alive at once (CUDA: allocator peak above the start)."""
+        """Highest total of bytes alive at once above the start of the block.
+
+        CPU: the exact tensor count (:attr:`tensor_peak_bytes`). CUDA: the caching
+        allocator's ``max_memory_allocated`` above its level at the start (it also
+        sees kernels' workspaces). Note that :func:`~sara_edu.train.train` resets
+        the allocator's peak at every step, so on CUDA inside ``train`` this is the
+        current step's peak; :attr:`tensor_peak_bytes` is never reset.
+        """
         if self.device.type == "cuda":
             if self.active:
                 return torch.cuda.max_memory_allocated(self.device) - self._cuda_base
             return getattr(self, "_cuda_peak", 0)
+        return self._peak
+
+    @property
+    def tensor_peak_bytes(self) -> int:
+        """The exact peak of live tensor bytes created in the block, on any device."""
         return self._peak
 
     @property
@@ -202,7 +224,7 @@ class MemoryTracker:
         inputs = None
         for t in outputs:
             s = _storage(t)
-            if s is None:
+            if s is None or s.device.type != self.device.type:  # e.g. CPU step counters of a CUDA run
                 continue
             key = s._cdata
             if key in self._live:
@@ -328,7 +350,7 @@ class MemoryTracker:
             _, nbytes, alloc = self._live[key]
             if alloc <= self._peak_seq:
                 new[category] += nbytes
-        new["activations_transients"] = max(self.peak_bytes - sum(new.values()), 0)
+        new["activations_transients"] = max(self.tensor_peak_bytes - sum(new.values()), 0)
         # 2) tensors that existed before the block (not in peak_bytes): the model's
         # weights; for full fine-tuning those weights are the trainable values.
         trainable, state = _optimizer_tensors(optimizer)
@@ -339,7 +361,7 @@ class MemoryTracker:
         new_frozen = new.pop("frozen_weights")
         new["trainable_values"] += old_trainable
         new["optimizer_state"] += old_state
-        return MemoryReport(peak_above_frozen=self.peak_bytes - new_frozen + old_trainable + old_state,
+        return MemoryReport(peak_above_frozen=self.tensor_peak_bytes - new_frozen + old_trainable + old_state,
                             frozen_weights=frozen_bytes, **new)
 
     def _untracked_old(self, t) -> bool:
@@ -421,9 +443,22 @@ def measure_step_time(fn, warmup: int = 2, repeats: int = 5) -> float:
 
 # ----------------------------------------------------------------- display
 def memory_table(reports) -> "pd.DataFrame":
-    """Long table (method, category, MB) from ``{method: MemoryReport}``, ready for seaborn."""
+    """Long table (method, category, MB), ready for a seaborn stacked bar.
+
+    ``reports``: ``{method: MemoryReport}``, or the wide table that
+    ``benchmarks/memory_time.py`` prints and saves as CSV (columns
+    ``"trainable values (MB)"`` ...; ``model`` is kept if present).
+    """
     import pandas as pd
 
+    if isinstance(reports, pd.DataFrame):
+        columns = {f"{c.replace('_', ' ').replace('activations transients', 'activations + transients')} (MB)": c
+                   for c in CATEGORIES}
+        keep = [c for c in ("model", "method") if c in reports]
+        long = reports.melt(id_vars=keep, value_vars=[c for c in columns if c in reports],
+                            var_name="category", value_name="MB")
+        long["category"] = long["category"].map(lambda c: columns[c].replace("_", " "))
+        return long.dropna(subset=["MB"])
     rows = [{"method": name, "category": c.replace("_", " "), "MB": getattr(r, c) / MB}
             for name, r in reports.items() for c in CATEGORIES]
     return pd.DataFrame(rows)
@@ -434,7 +469,7 @@ def plot_memory_breakdown(reports, ax=None, title="Peak memory above the frozen 
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    table = memory_table(reports) if isinstance(reports, dict) else reports
+    table = memory_table(reports)
     if ax is None:
         _, ax = plt.subplots(figsize=(1.3 * table["method"].nunique() + 3, 4))
     sns.histplot(table, x="method", weights="MB", hue="category", multiple="stack", discrete=True,

@@ -15,6 +15,7 @@ these): it can be unit-tested without any widget.
 """
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable
 
@@ -179,11 +180,14 @@ class InteractiveView:
         import matplotlib.pyplot as plt
 
         self._set_status("updating…")
+        before = set(plt.get_fignums())
         try:
             new = self._call()
         except Exception as e:  # a slider callback has nowhere to raise to: say it in the UI
             self.error = e
-            self._set_status(f"<span style='color:#b00'>error: {type(e).__name__}: {e}</span>")
+            for n in set(plt.get_fignums()) - before:  # half-drawn figures must not surface in a later cell
+                plt.close(n)
+            self._set_status(f"<span style='color:#b00'>error: {html.escape(f'{type(e).__name__}: {e}')}</span>")
             return
         self.error = None
         if self._handles:

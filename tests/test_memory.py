@@ -102,6 +102,28 @@ def test_breakdown_separates_frozen_from_trainable_and_new_parameters():
     assert table.MB.sum() * MB == pytest.approx(r.peak_above_frozen)
 
 
+def test_plot_of_the_breakdown():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from sara_edu.memory import MemoryReport, plot_memory_breakdown
+
+    reports = {"a": MemoryReport(10 * MB, 0, 1 * MB, 2 * MB, 3 * MB, 0, 4 * MB),
+               "b": MemoryReport(2 * MB, 5 * MB, 0, 0, 0, 1 * MB, 1 * MB)}
+    ax = plot_memory_breakdown(reports)
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches if p.get_height() > 0)
+    assert heights == [1, 1, 1, 2, 3, 4]
+    # the benchmark's CSV (wide, one row per method) gives the same long table
+    columns = ["trainable values (MB)", "optimizer state (MB)", "gradients (MB)", "method buffers (MB)",
+               "activations + transients (MB)"]  # as benchmarks/memory_time.py writes them
+    wide = pd.DataFrame([["m", "a", 1, 2, 3, 0, 4], ["m", "b", 0, 0, 0, 1, 1]], columns=["model", "method"] + columns)
+    order = ["method", "category"]
+    pd.testing.assert_frame_equal(memory_table(wide).drop(columns="model").sort_values(order).reset_index(drop=True),
+                                  memory_table(reports).sort_values(order).reset_index(drop=True), check_dtype=False)
+
+
 def test_tracker_in_the_training_loop(tiny_pipe):
     unet = tiny_pipe.unet
     params = list(unet.parameters())

@@ -9,7 +9,7 @@ from sara_edu.data import StyleDataset
 from sara_edu.errors import CheckpointError, ConfigError
 from sara_edu.io import save_tensors
 from sara_edu.model import TINY_UNET_CONFIG, build_unet
-from sara_edu.sara import (SaRA, SaRAAdamW, detach, load_sparse, merge, nuclear_norm_grad, nuclear_norm_penalty,
+from sara_edu.sara import (SaRA, SaRAAdamW, _fingerprint, detach, load_sparse, merge, nuclear_norm_grad, nuclear_norm_penalty,
                            save_sparse)
 from sara_edu.train import train
 
@@ -403,3 +403,41 @@ def test_step_hooks_run_once_per_step():
     model(torch.randn(3, 10)).sum().backward()
     opt.step()
     assert calls == ["pre", "post"]
+
+
+def test_files_work_for_weights_beyond_2_to_the_24(tmp_path):
+    """Positions above 2**24 are not exact in float32: nothing may go through a float."""
+    model = nn.Module()
+    model.big = nn.Parameter(torch.randn(2**25 + 9, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        model.big[-9:] = 1e-6  # selected, at positions a float32 cannot count to
+    fresh = copy.deepcopy(model)
+    opt = SaRAAdamW(model, lr=1e-2, fraction=0.05, rank_lambda=0)
+    assert int(opt.slots[0].idx[-1]) > 2**25
+    model.big.sum().backward()
+    opt.step()
+    path = save_sparse(opt, tmp_path / "big.safetensors")
+    detach(opt)
+    load_sparse(fresh, path)
+    assert torch.equal(fresh.big, model.big)
+    # the case an SD1.5 run hit: float32(24437051) rounds up to 24437052, one past the end
+    _fingerprint(torch.zeros(24_437_052), torch.zeros(0, dtype=torch.long))
+
+
+def test_works_on_an_sd3_style_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = SaRAAdamW(model, lr=1e-3, fraction=0.1, rank_lambda=1e-2, target_modules=["attn", "ff"])
+    out = model(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 5, 16),
+                pooled_projections=torch.randn(2, 8), timestep=torch.tensor([1.0, 500.0])).sample
+    out.pow(2).mean().backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and all(("attn" in n or "ff" in n) for n in changed)
+    moved = sum(int((p != base[n]).sum()) for n, p in model.named_parameters())
+    assert 0.9 * opt.selection.total_selected <= moved <= opt.selection.total_selected

@@ -154,3 +154,17 @@ def test_inside_an_ipython_shell_outputs_are_displayed_with_ids_and_updated_in_p
     assert plt.get_fignums() == []  # closed, so the inline backend does not draw it twice
     view.controls["x"].value = 2.0
     assert len(shown) == 2 and len(updated) == 1 and calls[-1] == (2.0, "m", 1.0)
+
+
+def test_a_failing_redraw_leaves_no_half_drawn_figure_behind():
+    def draw(x):
+        fig, ax = plt.subplots()
+        if x > 1:
+            raise ValueError("<bad> value")
+        return fig
+
+    view = widgets.interactive_or_static(draw, x=widgets.slider(1, 0, 3))
+    open_before = plt.get_fignums()
+    view.controls["x"].value = 2
+    assert plt.get_fignums() == open_before and isinstance(view.error, ValueError)
+    assert "&lt;bad&gt;" in view._status.value  # the message is shown, escaped, under the controls

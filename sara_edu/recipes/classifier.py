@@ -94,8 +94,9 @@ def train_classifier(out=CLASSIFIER_PATH, epochs: int = DEFAULTS["epochs"], batc
                   noise=noise, seed=seed)
     model = build_classifier(CLASSIFIER_CONFIG, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    n = len(training_set("train", limit_per_look=limit_per_look)[0])
-    steps_per_epoch = -(-n // batch_size)
+    per_look = len(load_digits_images("train")[1])
+    per_look = per_look if limit_per_look is None else min(per_look, limit_per_look)
+    steps_per_epoch = -(-len(LOOKS) * per_look // batch_size)  # ceil: the last batch may be short
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                    pct_start=0.15)

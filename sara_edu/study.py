@@ -1,0 +1,701 @@
+"""The study: does the paper's comparison hold on the course model?
+
+One command trains every method of the paper's Table 1 (and SaRA's ablations)
+on each of the five styles with several seeds, evaluates each fine-tuned model
+the same way, and appends one row per run to a CSV::
+
+    python -m sara_edu.study run            # the full study (resumable), -> reports/study_results.csv
+    python -m sara_edu.study run --quick    # a reduced grid for CI, a minute or two
+    python -m sara_edu.study report         # tables + figures -> reports/study.md
+
+What one *run* is (:func:`run_one`): a fresh copy of the pretrained model,
+``steps`` training steps of one method on one style (digits 0-6, a few images
+per digit, like the paper's style sets of tens of images), then
+
+* **style** (the paper's FID and CLIP score): samples of ``"a digit k, <style>
+  style"`` for the fine-tuning digits, scored with :func:`~sara_edu.metrics.fid_analogue`
+  and :func:`~sara_edu.metrics.prompt_agreement` (VLHI is computed by the report,
+  across the methods of one style and seed, as in the paper);
+* **generalisation**: the same for the digits left out of fine-tuning (7-9);
+* **retention**: plain prompts ``"a digit k"`` after fine-tuning, scored the same
+  way and compared, sample by sample (same noise), with the pretrained model's;
+* **cost**: trainable numbers, peak memory above the frozen weights (counted
+  exactly by :class:`~sara_edu.memory.MemoryTracker` over the first steps), the
+  median step time and the size of the file the method saves.
+
+The grid (:class:`StudyConfig`): a small learning-rate search (the same number
+of candidates for every method, on one style and seed, picked by VLHI among the
+candidates), then every method x style x seed at its chosen rate, then SaRA's
+sensitivity sweeps over the trained fraction (θ) and the nuclear-norm weight λ.
+
+Resuming: every run has an id derived from its settings; rows already in the
+CSV are never recomputed, so an interrupted study continues where it stopped.
+The CSV is rewritten atomically after every run (:func:`sara_edu.io.atomic_write_bytes`),
+so an interruption never leaves it half-written. Runs that diverge (the loss
+becomes NaN at a too-large learning rate) are recorded with ``status="diverged"``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .errors import ConfigError, DataError
+from .paths import REPO_ROOT
+
+# --------------------------------------------------------------------------- methods
+
+#: Method keys, in table order, with the label the report prints.
+METHOD_LABELS = {
+    "sara": "SaRA",
+    "sara_no_nuclear": "SaRA w/o nuclear norm",
+    "sara_no_progressive": "SaRA w/o progressive",
+    "selective": "selective FT (no UB)",
+    "lora_r4": "LoRA r=4",
+    "lora_matched": "LoRA rank-matched",
+    "full": "full fine-tuning",
+}
+#: The reference row: the pretrained model, not fine-tuned (evaluated like every run).
+PRETRAINED = "pretrained"
+_SELECTION_METHODS = ("sara", "sara_no_nuclear", "sara_no_progressive", "selective", "lora_matched")
+_NUCLEAR_METHODS = ("sara", "sara_no_progressive")
+TRACKED_STEPS = 2  # memory is counted over attach + these first steps (the tracker slows ops down)
+
+# --------------------------------------------------------------------------- the CSV
+
+#: Every column of the results CSV and its type ("str", "int", "float"), in file order.
+SCHEMA = {
+    # what ran
+    "run_id": "str", "study": "str", "phase": "str", "method": "str", "style": "str", "seed": "int",
+    "lr": "float", "fraction": "float", "rank_lambda": "float", "steps": "int", "batch_size": "int",
+    "limit_per_digit": "int", "eval_per_digit": "int", "eval_plain_per_digit": "int", "eval_steps": "int",
+    "guidance_scale": "float",
+    # training and its cost
+    "status": "str", "n_train_images": "int", "trainable_params": "int", "theta": "float",
+    "lora_rank": "int", "lora_targets": "str", "final_loss": "float", "peak_memory_mb": "float",
+    "step_time_s": "float", "train_time_s": "float", "file_size_bytes": "int",
+    # the trained style on the fine-tuning digits (the paper's Table 1)
+    "fid": "float", "fid_floor": "float", "digit_acc": "float", "look_acc": "float", "agreement": "float",
+    # generalisation: the style on digits left out of fine-tuning
+    "unseen_fid": "float", "unseen_digit_acc": "float", "unseen_look_acc": "float", "unseen_agreement": "float",
+    # retention: plain prompts after fine-tuning
+    "plain_fid": "float", "plain_digit_acc": "float", "plain_agreement": "float", "plain_drift": "float",
+    # bookkeeping
+    "eval_time_s": "float", "threads": "int", "finished_utc": "str",
+}
+_PANDAS_DTYPES = {"str": "object", "int": "int64", "float": "float64"}
+
+
+def read_results(path) -> pd.DataFrame:
+    """The results CSV as a DataFrame with :data:`SCHEMA`'s columns and types (empty if no file)."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame({c: pd.Series(dtype=_PANDAS_DTYPES[t]) for c, t in SCHEMA.items()})
+    try:
+        df = pd.read_csv(path, dtype={c: str for c, t in SCHEMA.items() if t == "str"}, keep_default_na=False,
+                         na_values={c: ["", "nan", "NaN"] for c, t in SCHEMA.items() if t != "str"})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a readable study CSV ({e}); delete it (the study re-runs everything) "
+                        "or restore it from git") from e
+    missing = [c for c in SCHEMA if c not in df.columns]
+    if missing:
+        raise DataError(f"{path} lacks the study columns {missing[:5]}{'...' if len(missing) > 5 else ''}: it was "
+                        "written by another version of sara_edu.study. Move it away and re-run the study.")
+    df = df[list(SCHEMA)]
+    for col, kind in SCHEMA.items():
+        if kind == "float":
+            df[col] = pd.to_numeric(df[col], errors="raise").astype("float64")
+        elif kind == "int":
+            df[col] = pd.to_numeric(df[col], errors="raise").astype("int64")
+    return df
+
+
+def write_results(df: pd.DataFrame, path) -> Path:
+    """Write the results atomically (the previous file stays intact until the new one is complete)."""
+    from .io import atomic_write_bytes
+
+    df = df[list(SCHEMA)]
+    return atomic_write_bytes(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Which runs make up a study, and how each is trained and evaluated.
+
+    ``lr_grid``: per method, the learning rates the search tries (the same
+    number of candidates for every method; one candidate means no search).
+    The search runs on ``lr_search_style`` / ``lr_search_seed`` and picks, per
+    method, the candidate with the best VLHI among that method's candidates.
+    """
+
+    name: str
+    methods: tuple[str, ...] = tuple(METHOD_LABELS)
+    styles: tuple[str, ...] = ("barbiecore", "cyberpunk", "elementfire", "expedition", "hornify")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 100
+    batch_size: int = 16
+    limit_per_digit: int = 8
+    fraction: float = 0.1  # SaRA's (and selective's) trained fraction; LoRA rank-matched to it
+    rank_lambda: float = 5e-4  # the authors' λ
+    lr_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    lr_search_style: str = "cyberpunk"
+    lr_search_seed: int = 0
+    sweep_fractions: tuple[float, ...] = ()
+    sweep_lambdas: tuple[float, ...] = ()
+    sweep_style: str = "cyberpunk"
+    sweep_seeds: tuple[int, ...] = (0,)
+    eval_per_digit: int = 6  # samples per digit for the style (seen and unseen digits)
+    eval_plain_per_digit: int = 4  # samples per digit for the plain prompts (retention)
+    eval_steps: int = 20  # DDIM steps
+    guidance_scale: float = 3.0
+
+    def __post_init__(self):
+        from .text import STYLES
+
+        unknown = [m for m in self.methods if m not in METHOD_LABELS]
+        if unknown or not self.methods:
+            raise ConfigError(f"unknown method(s) {unknown}; choose from {list(METHOD_LABELS)}")
+        bad = [s for s in (*self.styles, self.lr_search_style, self.sweep_style) if s not in STYLES]
+        if bad or not self.styles:
+            raise ConfigError(f"unknown style(s) {bad}; choose from {list(STYLES)}")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in (*self.seeds, *self.sweep_seeds)):
+            raise ConfigError(f"seeds must be non-negative integers, got {self.seeds} / {self.sweep_seeds}")
+        for name in ("steps", "batch_size", "limit_per_digit", "eval_per_digit", "eval_plain_per_digit",
+                     "eval_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.eval_per_digit * 3 < 2:  # FID on the 3 unseen digits needs 2 images
+            raise ConfigError("eval_per_digit must be >= 1")
+        if not 0 < self.fraction < 1 or any(not 0 < f < 1 for f in self.sweep_fractions):
+            raise ConfigError("fractions must lie strictly between 0 and 1")
+        if self.rank_lambda < 0 or any(v < 0 for v in self.sweep_lambdas):
+            raise ConfigError("rank_lambda values must be >= 0")
+        grid = dict(self.lr_grid)
+        for m in self.methods:
+            if not grid.get(m) or any(not lr > 0 for lr in grid[m]):
+                raise ConfigError(f"lr_grid needs positive learning rates for {m!r}")
+        sizes = {len(grid[m]) for m in self.methods}
+        if len(sizes) > 1:
+            raise ConfigError(f"every method must get the same number of learning-rate candidates, got {sizes}")
+        if (self.sweep_fractions or self.sweep_lambdas) and "sara" not in self.methods:
+            raise ConfigError("the sensitivity sweeps vary SaRA: include 'sara' in methods")
+
+    @property
+    def lrs(self) -> dict[str, tuple[float, ...]]:
+        return dict(self.lr_grid)
+
+    @property
+    def method_lambda(self) -> dict[str, float]:
+        return {m: (self.rank_lambda if m in _NUCLEAR_METHODS else 0.0 if m == "sara_no_nuclear" else math.nan)
+                for m in METHOD_LABELS}
+
+
+def _lr_grid(center: dict[str, float], factor: float = 3.0, n: int = 3) -> tuple:
+    """``n`` log-spaced candidates per method, ``factor`` apart, centred on the method's usual rate."""
+    offsets = [factor ** (i - (n - 1) / 2) for i in range(n)]
+    return tuple((m, tuple(float(f"{c * o:.3g}") for o in offsets)) for m, c in center.items())
+
+
+# Usual rates for a short run on the course model: LoRA's B starts at zero and SaRA's
+# trained entries are tiny, so both take larger steps than full fine-tuning.
+_LR_CENTERS = {"sara": 3e-3, "sara_no_nuclear": 3e-3, "sara_no_progressive": 3e-3, "selective": 3e-3,
+               "lora_r4": 3e-3, "lora_matched": 3e-3, "full": 3e-4}
+
+#: The study committed in reports/: see its report for the measured cost.
+FULL = StudyConfig(
+    name="full", steps=100, batch_size=16, limit_per_digit=8,
+    lr_grid=_lr_grid(_LR_CENTERS),
+    sweep_fractions=(0.02, 0.05, 0.1, 0.2, 0.4), sweep_lambdas=(0.0, 5e-5, 5e-4, 5e-3, 5e-2),
+    eval_per_digit=6, eval_plain_per_digit=4, eval_steps=20)
+
+#: CI's reduced grid: two methods, one style, one seed, a few steps, tiny evaluation, no search.
+QUICK = StudyConfig(
+    name="quick", methods=("sara", "lora_r4"), styles=("cyberpunk",), seeds=(0,), steps=6, batch_size=8,
+    limit_per_digit=4, lr_grid=(("sara", (3e-3,)), ("lora_r4", (3e-3,))), eval_per_digit=2,
+    eval_plain_per_digit=1, eval_steps=4)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid: a method (or the pretrained reference) on one style and seed."""
+
+    method: str
+    style: str
+    seed: int
+    lr: float = math.nan
+    fraction: float = math.nan
+    rank_lambda: float = math.nan
+
+    def key(self, config: StudyConfig) -> dict:
+        """Everything that determines the run's result (not the phase that asked for it)."""
+        def num(x):
+            return None if isinstance(x, float) and math.isnan(x) else float(f"{x:.6g}")
+
+        training = {} if self.method == PRETRAINED else {
+            "lr": num(self.lr), "fraction": num(self.fraction), "rank_lambda": num(self.rank_lambda),
+            "steps": config.steps, "batch_size": config.batch_size, "limit_per_digit": config.limit_per_digit}
+        return {"method": self.method, "style": self.style, "seed": self.seed, **training,
+                "eval": [config.eval_per_digit, config.eval_plain_per_digit, config.eval_steps,
+                         num(config.guidance_scale)]}
+
+    def run_id(self, config: StudyConfig) -> str:
+        blob = json.dumps(self.key(config), sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def method_spec(config: StudyConfig, method: str, style: str, seed: int, lr: float, *,
+                fraction: float | None = None, rank_lambda: float | None = None) -> RunSpec:
+    """The spec of ``method`` with the study's defaults for the settings that apply to it."""
+    frac = (config.fraction if fraction is None else fraction) if method in _SELECTION_METHODS else math.nan
+    lam = config.method_lambda[method] if rank_lambda is None else rank_lambda
+    if method == "sara" and lam == 0:  # SaRA with λ = 0 *is* the no-nuclear ablation: one run, not two
+        method = "sara_no_nuclear"
+    return RunSpec(method, style, seed, float(lr), float(frac), float(lam))
+
+
+def pretrained_specs(config: StudyConfig) -> list[RunSpec]:
+    pairs = {(s, seed) for s in config.styles for seed in config.seeds}
+    pairs |= {(config.sweep_style, seed) for seed in config.sweep_seeds if config.sweep_fractions or
+              config.sweep_lambdas}
+    pairs |= {(config.lr_search_style, config.lr_search_seed)} if _has_search(config) else set()
+    return [RunSpec(PRETRAINED, s, seed) for s, seed in sorted(pairs)]
+
+
+def _has_search(config: StudyConfig) -> bool:
+    return any(len(lrs) > 1 for lrs in config.lrs.values())
+
+
+def lr_search_specs(config: StudyConfig) -> list[RunSpec]:
+    if not _has_search(config):
+        return []
+    return [method_spec(config, m, config.lr_search_style, config.lr_search_seed, lr)
+            for m in config.methods for lr in config.lrs[m]]
+
+
+def choose_lrs(config: StudyConfig, results: pd.DataFrame) -> dict[str, float]:
+    """Per method, the candidate learning rate with the best VLHI among that method's candidates.
+
+    VLHI (:func:`sara_edu.metrics.vlhi`) balances style fit (FID) and prompt
+    agreement, the paper's headline number; diverged candidates are out. Ties go
+    to the smaller rate. Raises :class:`DataError` when a candidate has no row yet.
+    """
+    from .metrics import vlhi
+
+    chosen = {}
+    by_id = results.set_index("run_id") if len(results) else None
+    for m in config.methods:
+        lrs = sorted(config.lrs[m])
+        if len(lrs) == 1:
+            chosen[m] = lrs[0]
+            continue
+        rows = []
+        for lr in lrs:
+            rid = method_spec(config, m, config.lr_search_style, config.lr_search_seed, lr).run_id(config)
+            if by_id is None or rid not in by_id.index:
+                raise DataError(f"the learning-rate search has no result yet for {m} at lr={lr}: run the study")
+            row = by_id.loc[rid]
+            if row["status"] == "ok" and math.isfinite(row["fid"]) and math.isfinite(row["agreement"]):
+                rows.append((lr, row["fid"], row["agreement"]))
+        if not rows:
+            chosen[m] = lrs[0]  # every candidate diverged: the smallest is the least bad
+            continue
+        scores = vlhi([r[1] for r in rows], [r[2] for r in rows]) if len(rows) > 1 else [1.0]
+        best = max(range(len(rows)), key=lambda i: (round(float(scores[i]), 9), -rows[i][0]))
+        chosen[m] = rows[best][0]
+    return chosen
+
+
+def main_specs(config: StudyConfig, lrs: dict[str, float]) -> list[RunSpec]:
+    return [method_spec(config, m, style, seed, lrs[m])
+            for seed in config.seeds for style in config.styles for m in config.methods]
+
+
+def sweep_specs(config: StudyConfig, lrs: dict[str, float]) -> dict[str, list[RunSpec]]:
+    """SaRA's sensitivity: trained fraction (θ) and nuclear-norm weight λ, on one style."""
+    out = {"sweep_fraction": [], "sweep_lambda": []}
+    for seed in config.sweep_seeds:
+        for f in config.sweep_fractions:
+            out["sweep_fraction"].append(method_spec(config, "sara", config.sweep_style, seed, lrs["sara"],
+                                                     fraction=f))
+        for lam in config.sweep_lambdas:
+            out["sweep_lambda"].append(method_spec(config, "sara", config.sweep_style, seed, lrs["sara"],
+                                                   rank_lambda=lam))
+    return out
+
+
+# --------------------------------------------------------------------------- one run
+
+_CACHE: dict = {}  # per process: base model, datasets, real images, pretrained plain samples
+
+
+def _base_pipe(model):
+    """The pretrained model (loaded once per process); ``model`` is a folder or None for the shipped one."""
+    from .model import load_pretrained
+
+    key = ("pipe", str(model))
+    if key not in _CACHE:
+        _CACHE[key] = load_pretrained(model)
+    return _CACHE[key]
+
+
+def _cached(key, make: Callable):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+class _Recorded:
+    """A training method that remembers what it trains right after it is attached.
+
+    SaRA's progressive adjustment freezes part of its entries at half-time, so
+    the count afterwards would understate what was trained.
+    """
+
+    def __init__(self, method):
+        self.method, self.name = method, method.name
+        self.trainable = 0
+
+    def build_optimizer(self, unet, **kwargs):
+        optimizer = self.method.build_optimizer(unet, **kwargs)
+        self.trainable = int(self.method.trainable_parameters(unet))
+        return optimizer
+
+    def trainable_parameters(self, unet):
+        return self.method.trainable_parameters(unet)
+
+
+def make_method(spec: RunSpec, base_unet, config: StudyConfig):
+    """The :class:`~sara_edu.train.TrainingMethod` for ``spec`` (fresh, unattached)."""
+    from .lora import LoRA, lora_rank_matching
+    from .sara import SaRA
+    from .selection import select_parameters
+    from .selective import SelectiveFineTuning
+    from .train import FullFineTuning
+
+    m = spec.method
+    if m in ("sara", "sara_no_nuclear", "sara_no_progressive"):
+        return SaRA(fraction=spec.fraction, rank_lambda=spec.rank_lambda, seed=spec.seed,
+                    progressive_iter=None if m == "sara_no_progressive" else "half")
+    if m == "selective":
+        return SelectiveFineTuning(fraction=spec.fraction)
+    if m == "lora_r4":
+        return LoRA(rank=4)
+    if m == "lora_matched":
+        def match():
+            n = select_parameters(base_unet, fraction=spec.fraction).total_selected
+            return lora_rank_matching(base_unet, n)
+
+        found = _cached(("lora_match", spec.fraction, id(base_unet)), match)
+        return LoRA(rank=found.rank, target_modules=found.target_modules, name=f"lora r={found.rank} (matched)")
+    if m == "full":
+        return FullFineTuning()
+    raise ConfigError(f"unknown method {m!r}; choose from {list(METHOD_LABELS)}")
+
+
+def _saved_file_bytes(method, unet) -> int:
+    """Size of what the method ships: sparse values, the LoRA adapter, or the whole state dict."""
+    from .io import save_tensors
+    from .lora import LoRA, save_lora
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "out.safetensors"
+        if isinstance(method, LoRA):
+            save_lora(unet, path)
+        elif hasattr(method, "save"):
+            method.save(path)
+        else:
+            save_tensors(unet.state_dict(), path)
+        return path.stat().st_size
+
+
+def _make_plain(method, unet) -> None:
+    """After training: a plain model (SaRA/selective detached, LoRA merged) for fast sampling."""
+    from .lora import LoRA, merge_lora
+
+    if isinstance(method, LoRA):
+        merge_lora(unet)
+    elif hasattr(method, "detach"):
+        method.detach()
+
+
+def _real(split, look, digits):
+    from .data import load_digits_images
+
+    return _cached(("real", split, look, tuple(digits)), lambda: load_digits_images(split, look, digits))
+
+
+def _generate(pipe, digits, style, n, config: StudyConfig, seed: int):
+    from .model import generate
+    from .text import make_prompt
+
+    wanted = [d for d in digits for _ in range(n)]
+    images = generate(pipe, [make_prompt(d, style) for d in wanted], steps=config.eval_steps, seed=seed,
+                      guidance_scale=config.guidance_scale)
+    return images, wanted
+
+
+def evaluate_run(pipe, style: str, seed: int, config: StudyConfig, model=None) -> dict:
+    """Style (seen digits), generalisation (unseen digits) and retention (plain prompts) numbers."""
+    from .classifier import load_classifier
+    from .data import FINETUNE_DIGITS, UNSEEN_DIGITS
+    from .metrics import fid_analogue, prompt_agreement
+
+    clf = load_classifier()
+    out = {}
+    for prefix, digits in (("", FINETUNE_DIGITS), ("unseen_", UNSEEN_DIGITS)):
+        fake, wanted = _generate(pipe, digits, style, config.eval_per_digit, config, seed)
+        real, _, _ = _real("heldout", style, digits)
+        scores = prompt_agreement(fake, wanted, style, clf)
+        out[f"{prefix}fid"] = fid_analogue(real, fake, clf)
+        for k in ("digit_acc", "look_acc", "agreement"):
+            out[f"{prefix}{k}"] = scores[k]
+        if prefix == "":  # what a perfect model would score: real training images, same count
+            train, labels, _ = _real("train", style, digits)
+            floor = torch.cat([train[labels == d][:config.eval_per_digit] for d in digits])
+            out["fid_floor"] = _cached(("floor", style, config.eval_per_digit),
+                                       lambda: fid_analogue(real, floor, clf))
+    plain_digits = tuple(range(10))
+    fake, wanted = _generate(pipe, plain_digits, None, config.eval_plain_per_digit, config, seed)
+    before = _cached(("plain_before", str(model), seed, config.eval_plain_per_digit, config.eval_steps,
+                      config.guidance_scale),
+                     lambda: _generate(_base_pipe(model), plain_digits, None, config.eval_plain_per_digit,
+                                       config, seed)[0])
+    real, _, _ = _real("heldout", "plain", plain_digits)
+    scores = prompt_agreement(fake, wanted, None, clf)
+    out.update(plain_fid=fid_analogue(real, fake, clf), plain_digit_acc=scores["digit_acc"],
+               plain_agreement=scores["agreement"],
+               plain_drift=float((fake - before).abs().mean()))  # same noise: 0 means unchanged samples
+    return out
+
+
+def run_one(spec: RunSpec, config: StudyConfig, model=None) -> dict:
+    """Train (unless ``spec`` is the pretrained reference) and evaluate one run; return its CSV row."""
+    from .data import StyleDataset
+    from .lora import LoRA
+    from .memory import MB, MemoryTracker
+    from .train import train
+
+    base = _base_pipe(model)
+    pipe = copy.deepcopy(base)
+    row = {"run_id": spec.run_id(config), "study": config.name, "method": spec.method, "style": spec.style,
+           "seed": spec.seed, "lr": spec.lr, "fraction": spec.fraction, "rank_lambda": spec.rank_lambda,
+           "steps": 0, "batch_size": 0, "limit_per_digit": 0, "eval_per_digit": config.eval_per_digit,
+           "eval_plain_per_digit": config.eval_plain_per_digit, "eval_steps": config.eval_steps,
+           "guidance_scale": config.guidance_scale, "status": "ok", "n_train_images": 0,
+           "trainable_params": 0, "theta": math.nan, "lora_rank": 0, "lora_targets": "",
+           "final_loss": math.nan, "peak_memory_mb": math.nan, "step_time_s": math.nan,
+           "train_time_s": 0.0, "file_size_bytes": 0, "threads": torch.get_num_threads()}
+    if spec.method != PRETRAINED:
+        method = make_method(spec, base.unet, config)
+        dataset = _cached(("data", spec.style, config.limit_per_digit),
+                          lambda: StyleDataset(spec.style, split="train", limit_per_digit=config.limit_per_digit))
+        recorded = _Recorded(method)
+        tracker = MemoryTracker(model=pipe.unet)
+
+        def stop_tracking(step, pipe, optimizer):  # count memory over the first steps only
+            if step == TRACKED_STEPS:
+                tracker.stop()
+
+        row.update(steps=config.steps, batch_size=config.batch_size, limit_per_digit=config.limit_per_digit,
+                   n_train_images=len(dataset))
+        start = time.perf_counter()
+        try:
+            with tracker:
+                history = train(pipe, dataset, tracker.watching(recorded), steps=config.steps, lr=spec.lr,
+                                batch_size=config.batch_size, seed=spec.seed, progress=False,
+                                callback=stop_tracking)
+        except FloatingPointError:  # a too-large learning rate: a result of the search, not a crash
+            row.update(status="diverged", train_time_s=time.perf_counter() - start,
+                       trainable_params=recorded.trainable, finished_utc=_now())
+            return {c: row.get(c, math.nan) for c in SCHEMA}
+        row["train_time_s"] = time.perf_counter() - start
+        report = tracker.report(pipe.unet)
+        selection = getattr(getattr(method, "optimizer", None), "selection", None)
+        timed = history.step_time_s.iloc[TRACKED_STEPS:] if len(history) > TRACKED_STEPS else history.step_time_s
+        row.update(trainable_params=recorded.trainable, peak_memory_mb=report.peak_above_frozen / MB,
+                   step_time_s=float(timed.median()), final_loss=float(history.loss.tail(10).mean()),
+                   file_size_bytes=_saved_file_bytes(method, pipe.unet),
+                   theta=max(selection.thresholds.values()) if selection is not None else math.nan,
+                   lora_rank=getattr(method, "rank", 0) if isinstance(method, LoRA) else 0,
+                   lora_targets=",".join(method.target_modules) if isinstance(method, LoRA) else "")
+        _make_plain(method, pipe.unet)
+    start = time.perf_counter()
+    row.update(evaluate_run(pipe, spec.style, spec.seed, config, model))
+    row.update(eval_time_s=time.perf_counter() - start, finished_utc=_now())
+    return {c: row.get(c, math.nan) for c in SCHEMA}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def _worker_init(threads: int | None):
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _worker_run(spec, config, model):
+    return run_one(spec, config, model)
+
+
+class _Runner:
+    """Runs specs (in this process or a pool), skipping finished ones, saving the CSV after each run."""
+
+    def __init__(self, config, out, model, workers, threads, progress):
+        self.config, self.out, self.model = config, Path(out), model
+        self.workers, self.threads, self.progress = workers, threads, progress
+        self.results = read_results(self.out)
+        self.bar = None
+        self.pool = None
+
+    def _tag(self, run_id, phase) -> bool:
+        """Add ``phase`` to an existing row's phases; True if the run is already done."""
+        hit = self.results.index[self.results.run_id == run_id]
+        if len(hit) == 0:
+            return False
+        phases = str(self.results.at[hit[0], "phase"]).split("+")
+        if phase not in phases:
+            self.results.at[hit[0], "phase"] = "+".join(phases + [phase])
+            write_results(self.results, self.out)
+        return True
+
+    def _save(self, row, phase):
+        row = dict(row, phase=phase)
+        new = pd.DataFrame([row], columns=list(SCHEMA))
+        self.results = new if len(self.results) == 0 else pd.concat([self.results, new], ignore_index=True)
+        write_results(self.results, self.out)
+
+    def run(self, phased: list[tuple[str, RunSpec]]):
+        todo, seen = [], set()
+        for phase, spec in phased:
+            rid = spec.run_id(self.config)
+            if self._tag(rid, phase) or rid in seen:
+                continue
+            seen.add(rid)
+            todo.append((phase, spec))
+        if self.bar is not None:
+            self.bar.total += len(todo)
+            self.bar.refresh()
+        if not todo:
+            return
+        if self.workers <= 1:
+            for phase, spec in todo:
+                self._describe(spec)
+                self._save(run_one(spec, self.config, self.model), phase)
+                self._advance()
+            return
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        pending = {self.pool.submit(_worker_run, spec, self.config, self.model): (phase, spec)
+                   for phase, spec in todo}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                phase, spec = pending.pop(fut)
+                self._save(fut.result(), phase)  # an exception here stops the study; finished rows stay
+                self._describe(spec)
+                self._advance()
+
+    def _describe(self, spec):
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{spec.method} / {spec.style} / seed {spec.seed}", refresh=False)
+
+    def _advance(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def run_study(config: StudyConfig = FULL, out="reports/study_results.csv", model=None, workers: int = 1,
+              threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) every run of ``config``; return the results table (also in ``out``).
+
+    ``model``: folder of the pretrained model (default: the shipped one).
+    ``workers``: processes running runs side by side (each with ``threads``
+    torch threads); small models use two 1-thread processes on a 2-core CPU
+    better than one 2-thread process. Runs already in ``out`` are skipped.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    _base_pipe(model)  # fail early (and clearly) if the model is missing
+    runner = _Runner(config, out, model, workers, threads, progress)
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        runner.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                          initargs=(threads,))
+    elif threads:
+        torch.set_num_threads(threads)
+    runner.bar = tqdm(total=0, desc=f"study ({config.name})", unit="run", disable=not progress)
+    try:
+        runner.run([("pretrained", s) for s in pretrained_specs(config)] +
+                   [("lr_search", s) for s in lr_search_specs(config)])
+        lrs = choose_lrs(config, runner.results)
+        sweeps = sweep_specs(config, lrs)
+        runner.run([("main", s) for s in main_specs(config, lrs)] +
+                   [(phase, s) for phase, specs in sweeps.items() for s in specs])
+    finally:
+        runner.bar.close()
+        if runner.pool is not None:
+            runner.pool.shutdown(wait=False, cancel_futures=True)
+    return runner.results
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sara_edu.study",
+                                     description="Reproduce the paper's comparisons on the course model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) the study, appending one CSV row per run")
+    run.add_argument("--quick", action="store_true", help="the reduced grid CI runs (a minute or two)")
+    run.add_argument("--out", default=None,
+                     help="results CSV (default reports/study_results.csv; with --quick runs/study_quick.csv)")
+    run.add_argument("--model", default=None, help="pretrained model folder (default: the shipped model)")
+    run.add_argument("--workers", type=int, default=1, help="runs side by side, in separate processes")
+    run.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rep = sub.add_parser("report", help="write the markdown report and figures from the CSV")
+    rep.add_argument("--csv", default=str(REPO_ROOT / "reports" / "study_results.csv"))
+    rep.add_argument("--out", default=str(REPO_ROOT / "reports" / "study.md"))
+    rep.add_argument("--study", default=None, help="which study of the CSV to report (default: the only one)")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        config = QUICK if args.quick else FULL
+        out = args.out or str(REPO_ROOT / ("runs/study_quick.csv" if args.quick else "reports/study_results.csv"))
+        start = time.perf_counter()
+        results = run_study(config, out, model=args.model, workers=args.workers, threads=args.threads,
+                            progress=not args.no_progress)
+        print(f"{len(results[results.study == config.name])} runs of the {config.name!r} study in {out} "
+              f"({time.perf_counter() - start:.0f} s this session)")
+    else:
+        from .report import write_report
+
+        path = write_report(args.csv, args.out, study=args.study)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Set-up promises: same dependencies for pip and conda, a light import, CI = README's command."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml  # pyyaml comes with jupyter
+
+ROOT = Path(__file__).resolve().parent.parent
+CONDA_TO_PIP = {"pytorch": "torch"}
+
+
+def _name(spec: str) -> str:
+    return re.split(r"[<>=!~ \[]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_environment_yml_and_pyproject_name_the_same_dependencies():
+    proj = _pyproject()["project"]
+    pip_names = {_name(d) for d in proj["dependencies"] + proj["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda_names = set()
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            conda_names |= {_name(d) for d in dep["pip"]}
+        elif _name(dep) not in ("python", "pip"):
+            conda_names.add(CONDA_TO_PIP.get(_name(dep), _name(dep)))
+    assert pip_names == conda_names, f"only in pyproject: {pip_names - conda_names}; only in environment.yml: {conda_names - pip_names}"
+
+
+def test_import_is_light():
+    code = "import sys, sara_edu; print(sorted(m for m in ('torch', 'diffusers', 'pandas') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make lab" in readme
+    commands = [l.strip() for l in ci.splitlines() if l.strip() and not l.startswith("#")]
+    assert commands[-1] == "make test"
+
+
+def test_second_make_test_installs_nothing(tmp_path):
+    # With the install stamp newer than pyproject.toml, make plans no pip install.
+    stamp = ROOT / ".venv" / ".sara-edu-installed"
+    if not stamp.exists():
+        import pytest
+
+        pytest.skip("not set up through make")
+    out = subprocess.run(["make", "-n", "test"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "pip install" not in out and "pytest" in out
