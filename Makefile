@@ -31,6 +31,11 @@ data: $(STAMP)
 	$(PY) -m sara_edu.recipes.pretrain
 	$(PY) -m sara_edu.recipes.classifier
 
+# The study behind reports/study.md (about 40 min on a 2-core CPU; resumable: rerun to continue).
+study: $(STAMP)
+	$(PY) -m sara_edu.study run --workers 2 --threads 1
+	$(PY) -m sara_edu.study report
+
 bench: $(STAMP)
 	$(PY) benchmarks/memory_time.py
 

@@ -31,6 +31,7 @@ _EXPORTS = {
     "plot_memory_breakdown": "memory",
     "load_classifier": "classifier", "fid_analogue": "metrics", "prompt_agreement": "metrics",
     "vlhi": "metrics", "vlhi_table": "metrics", "evaluate": "metrics", "per_digit_recognition": "metrics",
+    "finetune_methods": "compare", "side_by_side": "compare", "metric_table": "compare",
 }
 
 

@@ -37,7 +37,7 @@ import torch
 
 from .errors import ConfigError
 from .memory import CATEGORIES, MB, MemoryReport, MemoryTracker
-from .train import FullFineTuning, TrainingMethod
+from .train import FullFineTuning, TrainingMethod, pick_device
 
 #: The methods of notebook 04, in the order they are shown.
 DEFAULT_METHODS = ("SaRA", "LoRA", "full fine-tuning")
@@ -172,12 +172,13 @@ class Comparison:
 
 def _check_base(pipe) -> None:
     from .lora import has_lora
-    from .sara import attached_owner
+    from .sara import MODULE_FLAG, attached_owner
 
     unet = getattr(pipe, "unet", None)
     if unet is None:
-        raise ConfigError(f"expected a course pipe (with .unet), e.g. sara_edu.load_pretrained(), got {type(pipe).__name__}")
-    if attached_owner(unet) is not None or has_lora(unet):
+        raise ConfigError(f"expected a course pipe (with .unet), e.g. sara_edu.load_pretrained(), "
+                          f"got {type(pipe).__name__}")
+    if attached_owner(unet) is not None or MODULE_FLAG in vars(unet) or has_lora(unet):
         raise ConfigError("the base model already has SaRA or a LoRA adapter attached; compare methods from a "
                           "plain pretrained model (sara_edu.load_pretrained())")
 
@@ -225,6 +226,7 @@ def finetune_one(pipe, dataset, method: TrainingMethod, *, name: str | None = No
     if not isinstance(tracked_steps, int) or tracked_steps < 1:
         raise ConfigError(f"tracked_steps must be a positive integer, got {tracked_steps!r}")
     work = copy.deepcopy(pipe) if copy_pipe else pipe
+    work.to(pick_device(train_kwargs.pop("device", None)))  # before tracking: the tracker follows the model's device
     unet = work.unet
     tracker = MemoryTracker(model=unet)
 
@@ -235,8 +237,8 @@ def finetune_one(pipe, dataset, method: TrainingMethod, *, name: str | None = No
     start = time.perf_counter()
     with tracker:
         history = train(work, dataset, tracker.watching(method), steps=steps, lr=lr, batch_size=batch_size,
-                        seed=seed, progress=progress, desc=name, callback=stop_tracking, memory_tracker=tracker,
-                        **train_kwargs)
+                        seed=seed, device=work.device, progress=progress, desc=name, callback=stop_tracking,
+                        memory_tracker=tracker, **train_kwargs)
     seconds = time.perf_counter() - start
     report = tracker.report(unet)
     untracked = history.step_time_s.iloc[tracked_steps:]
@@ -257,7 +259,7 @@ def finetune_one(pipe, dataset, method: TrainingMethod, *, name: str | None = No
 def finetune_methods(pipe, style: str, methods=DEFAULT_METHODS, *, steps: int = 100, lr=1e-3, batch_size: int = 16,
                      fraction: float = 0.1, lora_rank: int | None = None, limit_per_digit: int | None = None,
                      seed: int = 0, tracked_steps: int = 2, out_dir=None, progress: bool = True,
-                     dataset=None) -> Comparison:
+                     dataset=None, device=None) -> Comparison:
     """Fine-tune each method on ``style`` with the same budget; return a :class:`Comparison`.
 
     ``methods``: names from :data:`DEFAULT_METHODS` (``"sara"``, ``"lora"``,
@@ -266,7 +268,8 @@ def finetune_methods(pipe, style: str, methods=DEFAULT_METHODS, *, steps: int = 
     copy of ``pipe``, which is left untouched. ``lr``: one learning rate for all
     (the same budget) or a dict per label. ``fraction`` sizes SaRA and, through
     rank matching, LoRA. The data is ``StyleDataset(style, limit_per_digit=...)``
-    (digits 0-6) unless ``dataset`` is given.
+    (digits 0-6) unless ``dataset`` is given. ``device``: where to train (default: CUDA if
+    present, else CPU); the trained models stay there.
     """
     from .data import StyleDataset
 
@@ -275,14 +278,15 @@ def finetune_methods(pipe, style: str, methods=DEFAULT_METHODS, *, steps: int = 
         raise ConfigError(f"steps ({steps}) must exceed tracked_steps ({tracked_steps}): the untracked steps give "
                           "the step time")
     resolved = _resolve_methods(methods, pipe.unet, fraction, lora_rank)
+    rates = {name: _lr_for(lr, name) for name in resolved}  # a missing rate fails before any training
     data = dataset if dataset is not None else StyleDataset(style, limit_per_digit=limit_per_digit)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     runs = {}
     for name, method in resolved.items():
-        runs[name] = finetune_one(pipe, data, method, name=name, steps=steps, lr=_lr_for(lr, name),
+        runs[name] = finetune_one(pipe, data, method, name=name, steps=steps, lr=rates[name],
                                   batch_size=batch_size, seed=seed, tracked_steps=tracked_steps, out_dir=out_dir,
-                                  progress=progress)
+                                  progress=progress, device=device)
     settings = {"style": style, "steps": steps, "lr": lr, "batch_size": batch_size, "images": len(data),
                 "seed": seed, "fraction": fraction, "tracked_steps": tracked_steps}
     return Comparison(pipe, style, runs, settings)
@@ -330,11 +334,13 @@ def plot_costs(comparison: Comparison, title: str | None = None):
         col = c.replace("_", " ")
         ax.bar(names, frame[col], bottom=bottom, label=col, color=palette(i), width=0.6)
         bottom += frame[col]
-    for x, total in enumerate(bottom):
-        ax.text(x, total, f"{total:.1f}", ha="center", va="bottom", fontsize=8)
+    own = frame["peak above frozen"] - frame["activations transients"]  # what the method itself holds
+    for x, (total, mine) in enumerate(zip(bottom, own)):
+        ax.text(x, total, f"{total:.1f}\n(method's own: {mine:.1f})", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, float(bottom.max()) * 1.25)
     ax.set_ylabel("MB at the peak (above the frozen weights)")
     ax.set_title("Peak training memory, by what it holds")
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, framealpha=0.9)
     colours = [_colour(n) for n in names]
     panels = [(axes[1], costs["median step time (s)"], "seconds per optimizer step", "Median step time", "{:.2f} s"),
               (axes[2], costs["trainable parameters"] / 1e3, "thousands of numbers trained", "Trained values",
@@ -367,8 +373,9 @@ def plot_losses(histories: dict, window: int = 10, ax=None, title: str = "Traini
         _, ax = plt.subplots(figsize=(7, 3.6))
     for i, (name, h) in enumerate(histories.items()):
         colour = _colour(name) or plt.get_cmap("tab10")(i)
-        ax.plot(h.step, h.loss, color=colour, alpha=0.25, lw=0.8)
-        ax.plot(h.step, h.loss.rolling(window, min_periods=1).mean(), color=colour, lw=2, label=name)
+        dashes = ("-", "--", ":", "-.")[i % 4]  # runs that coincide stay visible
+        ax.plot(h.step, h.loss, color=colour, alpha=0.25, lw=0.8, ls=dashes)
+        ax.plot(h.step, h.loss.rolling(window, min_periods=1).mean(), color=colour, lw=2, ls=dashes, label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("denoising loss (MSE of predicted noise)")
     ax.set_title(f"{title} (thick: mean of the last {window} steps)")
@@ -545,7 +552,8 @@ def plot_metric_table(table: pd.DataFrame, title: str | None = None):
         values = table[col] * scale
         ax.bar(names, values, color=colours, width=0.6)
         for x, v in enumerate(values):
-            ax.text(x, v, f"{v:.0f}" if scale == 100 else f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+            ax.text(x, v, f"{v:.0f}" if scale == 100 or abs(v) >= 100 else f"{v:.3g}", ha="center", va="bottom",
+                    fontsize=8)
         ax.set_ylabel(ylabel)
         ax.set_title(panel_title, fontsize=9)
         if scale == 100:

@@ -14,6 +14,7 @@ diffusers training scripts do, so what the course measures is what people use.
 """
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -126,8 +127,9 @@ def lora_rank_matching(unet: nn.Module, n_params: int, target_modules=ATTENTION_
     + ResNet convolutions) until a useful rank reaches the count; failing that
     the largest useful rank on the widest targets is returned.
     """
-    if not isinstance(n_params, int) or n_params < 1:
+    if not isinstance(n_params, numbers.Integral) or isinstance(n_params, bool) or n_params < 1:
         raise ConfigError(f"n_params must be a positive integer (a number of trainable parameters), got {n_params!r}")
+    n_params = int(n_params)
     _check_no_adapter(unet)
     targets = _as_targets(target_modules)
     candidates = [targets]

@@ -275,8 +275,19 @@ class MemoryTracker:
         classified then too, so that tensors a method later *replaces* (SaRA's
         progressive re-selection shrinks its vectors) still count in their
         category for the time they were alive.
+
+        Call it right after the optimizer is built (:meth:`watching` does): what
+        the tracker has seen until then was made by attaching the method, so
+        anything not trained or optimizer state is the method's bookkeeping.
         """
         self.optimizer = optimizer
+        # Called right after the method was attached, everything created so far is the
+        # method's: trainable values, state, and bookkeeping (selection masks, positions).
+        trainable, state = _optimizer_tensors(optimizer)
+        self.classify(trainable, "trainable_values")
+        self.classify(state, "optimizer_state")
+        for key in self._live:
+            self._tags.setdefault(key, "method_buffers")
 
         def classify_before_step(opt, args, kwargs):
             trainable, state = _optimizer_tensors(opt)

@@ -55,7 +55,7 @@ class MaskedAdamW(torch.optim.AdamW):
             p.requires_grad_(True)
             mask = self.masks[n]
             # where(), not multiply: an inf/NaN in an unselected grad entry must not leak in.
-            self._handles.append(p.register_hook(lambda g, mask=mask: torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))))
+            self._handles.append(p.register_hook(lambda g, mask=mask: torch.where(mask, g, g.new_zeros(()))))
         _mark(model, params, self)
 
     @torch.no_grad()

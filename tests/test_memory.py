@@ -8,7 +8,7 @@ from torch import nn
 from sara_edu.data import StyleDataset
 from sara_edu.errors import ConfigError
 from sara_edu.memory import CATEGORIES, MB, MemoryTracker, measure_step_time, memory_table, tensor_bytes
-from sara_edu.train import FullFineTuning, train
+from sara_edu.train import FullFineTuning, TrainingMethod, train
 
 
 def test_a_known_size_tensor_and_its_release():
@@ -122,6 +122,31 @@ def test_plot_of_the_breakdown():
     order = ["method", "category"]
     pd.testing.assert_frame_equal(memory_table(wide).drop(columns="model").sort_values(order).reset_index(drop=True),
                                   memory_table(reports).sort_values(order).reset_index(drop=True), check_dtype=False)
+
+
+def test_a_method_buffer_replaced_after_the_peak_still_counts():
+    """Like SaRA's progressive re-selection: bookkeeping made at attach, replaced later."""
+
+    class Bookkeeping(TrainingMethod):
+        def build_optimizer(self, unet, *, lr, weight_decay, total_steps, betas=(0.9, 0.999)):
+            self.positions = torch.zeros(1000)  # 4000 bytes of "selection" made when attaching
+            return torch.optim.AdamW(unet.parameters(), lr=lr)
+
+    lin = nn.Linear(64, 32)
+    weights = (32 * 64 + 32) * 4
+    tracker = MemoryTracker(model=lin)
+    method = tracker.watching(Bookkeeping())
+    with tracker:
+        opt = method.build_optimizer(lin, lr=1e-3, weight_decay=0.0, total_steps=2)
+        for batch in (64, 4):  # the big first step holds the peak
+            x = torch.randn(batch, 64)
+            lin(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            method.positions = torch.zeros(500)  # replaced after step 1 (2000 bytes)
+    r = tracker.report(lin)
+    assert r.method_buffers == 4000  # the one alive at the peak, although freed since
+    assert r.trainable_values == weights and r.optimizer_state == 2 * weights + 2 * 4
 
 
 def test_tracker_in_the_training_loop(tiny_pipe):

@@ -9,8 +9,8 @@ from sara_edu.data import StyleDataset
 from sara_edu.errors import CheckpointError, ConfigError
 from sara_edu.io import save_tensors
 from sara_edu.model import TINY_UNET_CONFIG, build_unet
-from sara_edu.sara import (SaRA, SaRAAdamW, _fingerprint, detach, load_sparse, merge, nuclear_norm_grad, nuclear_norm_penalty,
-                           save_sparse)
+from sara_edu.sara import (SaRA, SaRAAdamW, _fingerprint, detach, load_sparse, merge, nuclear_norm_grad,
+                           nuclear_norm_penalty, save_sparse)
 from sara_edu.train import train
 
 

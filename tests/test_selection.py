@@ -99,3 +99,11 @@ def test_a_threshold_that_selects_nothing_suggests_a_value(unet):
     with pytest.raises(ConfigError, match="selects no weight") as e:
         select_parameters(unet, threshold=1e-30, target_modules=r"^conv_in\.weight$")
     assert f"10% quantile of |w| is {q10:.3g}" in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_order_statistics_of_other_dtypes(dtype):
+    t = (torch.randn(5000, generator=torch.Generator().manual_seed(0)) * 0.1).to(dtype)
+    flat = t.float().abs()
+    for k in (0, 499, 2500, 4999):
+        assert abs_order_statistics([t], [k])[0] == flat.kthvalue(k + 1).values.item()

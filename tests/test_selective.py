@@ -74,8 +74,9 @@ def test_selective_method_with_the_train_loop_and_files(tiny_pipe, tmp_path):
     assert all(not p._backward_hooks for p in tiny_pipe.unet.parameters())
 
 
-@pytest.mark.parametrize("kwargs, msg", [({"fraction": 0.0}, "between"), ({"threshold": -1.0}, "positive"),
-                                         ({"threshold": 1e-30, "target_modules": "conv_in.weight"}, "selects no weight")])
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"fraction": 0.0}, "between"), ({"threshold": -1.0}, "positive"),
+    ({"threshold": 1e-30, "target_modules": "conv_in.weight"}, "selects no weight")])
 def test_selective_bad_input(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
         SelectiveFineTuning(**kwargs).build_optimizer(build_unet(seed=0), lr=1e-3, weight_decay=0.0, total_steps=5)
