@@ -577,6 +577,7 @@ def summary_table(comparison: Comparison, metrics: pd.DataFrame | None = None) -
         table = table.join(metrics[cols], how="outer")
         table = table.loc[[n for n in metrics.index if n in table.index] +
                           [n for n in table.index if n not in metrics.index]]
+        table["trainable parameters"] = table["trainable parameters"].astype("Int64")  # a count, even beside NaN
     return table
 
 

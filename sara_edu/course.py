@@ -61,10 +61,10 @@ def setting_banner(**values) -> str:
     return f"{name}" + (f": {details}" if details else "")
 
 
-def setup_notebook(seed: int = 0, **setting) -> str:
+def setup_notebook(seed: int = 0, **setting) -> None:
     """The first call of every course notebook: seed everything, set readable display
     defaults (pandas shows 4 significant digits, figures a legible size) and print
-    which setting (QUICK or full) runs with which values. Returns that line.
+    which setting (QUICK or full) runs with which values (:func:`setting_banner`).
 
         STEPS = course.choose(quick=10, full=25)
         course.setup_notebook(steps=STEPS)
@@ -78,9 +78,7 @@ def setup_notebook(seed: int = 0, **setting) -> str:
     pd.set_option("display.width", 140)
     pd.set_option("display.max_colwidth", 60)
     mpl.rcParams.update({"figure.dpi": 90, "savefig.dpi": 90, "axes.titlesize": 10, "axes.labelsize": 9})
-    banner = setting_banner(**setting)
-    print(banner)
-    return banner
+    print(setting_banner(**setting))  # printed, not returned: a returned str would show twice in the cell
 
 
 def seed_everything(seed: int = 0) -> int:

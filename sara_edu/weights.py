@@ -377,7 +377,9 @@ def plot_abs_histograms(model, by: str = "kind", layers=None, thresholds: dict |
         legend.set_title("kind of layer" if by == "kind" else "parameter")
     for i, (label, theta) in enumerate((thresholds or {}).items()):
         ax.axvline(theta, color="k", ls=["--", ":", "-."][i % 3], lw=1.2, label=label)
-        ax.text(theta, 0.98, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        # written along the line, so labels of nearby thresholds do not collide
+        ax.text(theta, 0.97, f"{label} ", transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="right",
+                fontsize=8)
     ax.set_xlabel("|w| (absolute weight value, weight units, log scale)")
     ax.set_ylabel("density (per unit of log10 |w|)")
     ax.set_title("How large are the weights? |w| by " + ("kind of layer" if by == "kind" else "parameter"))
@@ -490,7 +492,7 @@ def plot_global_vs_per_layer(model, fraction: float = 0.1):
     left.invert_yaxis()
     left.set_xlabel("fraction of the kind's parameters selected")
     left.set_title(f"Smallest {fraction:.0%}: global vs per layer", fontsize=10)
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
     plot_fraction_by_layer(table, "global_fraction", reference=fraction,
                            reference_label=f"per-layer {fraction:.0%}", ax=right,
                            title=f"Share of each layer below the global {fraction:.0%} threshold "

@@ -220,7 +220,8 @@ def test_summary_table_joins_costs_and_metrics(run):
     table = compare.summary_table(result, metrics)
     assert list(table.index) == list(metrics.index)
     assert table.loc["SaRA", "style_fid"] == 2.0
-    assert np.isnan(table.loc["pretrained", "trainable parameters"])
+    assert pd.isna(table.loc["pretrained", "trainable parameters"])
+    assert table.loc["SaRA", "trainable parameters"] == result.runs["SaRA"].trainable
 
 
 def test_bad_input_is_refused_with_advice():

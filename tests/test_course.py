@@ -126,11 +126,12 @@ def test_setup_notebook_seeds_sets_display_and_names_the_setting(monkeypatch, ca
     monkeypatch.setenv("SARA_EDU_QUICK", "1")
     with matplotlib.rc_context():
         try:
-            banner = course.setup_notebook(seed=5, steps=10)
+            assert course.setup_notebook(seed=5, steps=10) is None
             a = torch.rand(2)
             assert pd.get_option("display.float_format")(0.000123456) == "0.0001235"
         finally:
             pd.reset_option("display.float_format")
     course.seed_everything(5)
     assert torch.equal(a, torch.rand(2))
-    assert banner.startswith("QUICK") and "steps=10" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("QUICK") and "steps=10" in out

@@ -1,6 +1,6 @@
 """Recipe: train the reference classifier (the shipped ``data/classifier/classifier.safetensors``).
 
-    python -m sara_edu.recipes.classifier                       # the shipped run (~45 s of CPU; under 2 min on a busy 2-core box)
+    python -m sara_edu.recipes.classifier        # the shipped run (~45 s of CPU; < 2 min on a busy 2-core box)
     python -m sara_edu.recipes.classifier --epochs 1 --out /tmp/c.safetensors   # a smoke run
 
 The classifier learns both questions at once (digit and look) on the *train*
