@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -227,7 +228,7 @@ def _check_no_adapter(unet: nn.Module) -> None:
 _FORMAT = "sara-edu-lora"
 
 
-def save_lora(unet: nn.Module, path) -> "Path":
+def save_lora(unet: nn.Module, path) -> Path:
     """Write only the adapter weights (and their LoraConfig) to ``path`` (.safetensors), atomically."""
     from peft.utils import get_peft_model_state_dict
 

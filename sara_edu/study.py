@@ -233,7 +233,9 @@ FULL = StudyConfig(
            "(20 images), all with 10 DDIM steps (the course's default is 25); the learning-rate search runs "
            "on one style and one seed; the sensitivity sweeps on one style with one seed, so they show "
            "trends, not error bars. FIDs from so few samples are biased upwards (see the floor below) and "
-           "noisy: compare numbers within a column, and trust only differences larger than the spread."))
+           "noisy: compare numbers within a column, and trust only differences larger than the spread. "
+           "The runs went three at a time (three 1-thread worker processes) while other jobs shared the "
+           "CPU, so the step times are for comparison between methods only."))
 
 #: CI's reduced grid: two methods, one style, one seed, a few steps, tiny evaluation, no search.
 QUICK = StudyConfig(
