@@ -10,8 +10,9 @@
 * **save, load, merge**: file sizes (:func:`file_size_table`) and a check that
   a merged model is a plain model (:func:`plain_model_check`).
 
-Every function takes models as a pipe, an ``nn.Module`` or a state dict, so the
-same call works on the pretrained model and on any fine-tuned copy of it.
+The functions that compare weights take models as a pipe, an ``nn.Module`` or a
+state dict, so the same call works on the pretrained model and on any
+fine-tuned copy of it.
 """
 from __future__ import annotations
 

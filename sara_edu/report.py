@@ -94,6 +94,7 @@ def _fmt(mean, std=None, digits=3) -> str:
         return ""
     text = _num(mean, digits)
     if std is not None and np.isfinite(std):
+        std = 0.0 if std <= 1e-9 * max(abs(mean), 1e-12) else std  # float round-off, not spread
         text += f" ± {_num(std, 2)}"
     return text
 
@@ -118,7 +119,8 @@ def paired(rows: pd.DataFrame, a: str, b: str, col: str) -> dict:
     d = (pa - pb).dropna()
     n = len(d)
     se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    return {"mean": float(d.mean()) if n else math.nan, "se": se, "n": n, "a_higher": int((d > 0).sum())}
+    return {"mean": float(d.mean()) if n else math.nan, "se": se, "n": n, "a_higher": int((d > 0).sum()),
+            "scale": float(pb.abs().mean()) if len(pb) else math.nan}
 
 
 # --------------------------------------------------------------------------- tables
@@ -233,7 +235,11 @@ def lr_search_table(df: pd.DataFrame) -> str:
             body.append([_label(m, search), f"{row.lr:g}{mark}", row.status, _fmt(row.fid), _fmt(row.agreement),
                          _fmt(scores.get(row.lr))])
     style, seed = search["style"].iloc[0], int(search.seed.iloc[0])
-    return (f"Style {style}, seed {seed}; ✓ = chosen (best VLHI among the method's own candidates).\n\n"
+    edge = [_label(m, search) for m in _methods(search)
+            if chosen.get(m) and min(chosen[m]) <= search.loc[search.method == m, "lr"].min()]
+    edge_text = (f" The chosen rate is the smallest candidate for {', '.join(edge)}: the best rate may lie "
+                 "lower than this grid reaches." if edge else "")
+    return (f"Style {style}, seed {seed}; ✓ = chosen (best VLHI among the method's own candidates).{edge_text}\n\n"
             + _md_table(["method", "learning rate", "status", "FID↓", "Agr↑", "VLHI among candidates↑"], body))
 
 
@@ -246,13 +252,21 @@ _PAIRED_COLUMNS = (("fid", "style FID↓", False), ("agreement", "prompt agreeme
 
 
 def _verdict(p: dict, higher_is_better: bool) -> str:
-    """``+0.12 ± 0.03 ✓`` (SaRA clearly better), ``✗`` (clearly worse) or ``≈`` (within 2 standard errors)."""
+    """``+0.12 ± 0.03 ✓`` (SaRA clearly better), ``✗`` (clearly worse) or ``≈`` (within 2 standard errors).
+
+    A clear difference smaller than 2% of the compared method's mean gets "(tiny)": consistent, but
+    too small to matter.
+    """
     if p["n"] == 0 or not np.isfinite(p["mean"]):
         return ""
     if not (np.isfinite(p["se"]) and abs(p["mean"]) > 2 * p["se"]):
         mark = "≈"
     else:
         mark = "✓" if (p["mean"] > 0) == higher_is_better else "✗"
+        if np.isfinite(p.get("scale", np.nan)) and abs(p["mean"]) < 0.02 * p["scale"]:
+            mark += " (tiny)"
+    if abs(p["mean"]) < 1e-6 * max(p.get("scale", 1.0), 1e-12):  # float round-off of identical values
+        p = dict(p, mean=0.0)
     sign = "+" if p["mean"] > 0 else "−" if p["mean"] < 0 else ""
     spread = f" ± {_num(p['se'], 2)}" if np.isfinite(p["se"]) else ""
     return f"{sign}{_num(abs(p['mean']), 3)}{spread} {mark}"
@@ -286,10 +300,15 @@ def findings(df: pd.DataFrame) -> list[str]:
                               ("unseen_agreement", "generalisation (unseen-digit agreement)", True)):
         st = style_mean_stats(rows, col)["mean"].dropna()
         if len(st):
-            best = st.idxmax() if higher else st.idxmin()
-            rank = list(st.sort_values(ascending=not higher).index).index("sara") + 1 if "sara" in st else None
-            out.append(f"Best {what}: {_label(best, rows)} ({_num(st[best], 3)})"
-                       + (f"; SaRA ranks {rank} of {len(st)} ({_num(st['sara'], 3)})." if rank else "."))
+            top = st.max() if higher else st.min()
+            tied = [m for m in st.index if np.isclose(st[m], top, rtol=1e-6, atol=1e-9)]
+            names = " = ".join(_label(m, rows) for m in tied)
+            line = f"Best {what}: {names} ({_num(top, 3)})"
+            if "sara" in st and "sara" not in tied:  # rank = 1 + how many are clearly better
+                better = (st > st["sara"]) if higher else (st < st["sara"])
+                better &= ~np.isclose(st, st["sara"], rtol=1e-6, atol=1e-9)
+                line += f"; SaRA ranks {int(better.sum()) + 1} of {len(st)} ({_num(st['sara'], 3)})"
+            out.append(line + ".")
     present = set(rows.method)
     if {"sara", "selective"} <= present:
         s, t = rows[rows.method == "sara"], rows[rows.method == "selective"]
@@ -426,13 +445,20 @@ def figure_sensitivity(df: pd.DataFrame):
         for i, (metric, name) in enumerate((("fid", "style FID↓"), ("agreement", "style agreement↑"),
                                             ("plain_agreement", "plain agreement (retention)↑"))):
             ax = axes[i, j]
-            ax.errorbar(xpos, s[f"{metric}_mean"], yerr=s[f"{metric}_std"].fillna(0), marker="o", capsize=3)
+            ax.errorbar(xpos, s[f"{metric}_mean"], yerr=s[f"{metric}_std"].fillna(0), marker="o", capsize=3,
+                        label="digits 0-6 (trained)" if metric == "agreement" else None)
             if metric == "agreement":
                 ax.errorbar(xpos, s["unseen_agreement_mean"], yerr=s["unseen_agreement_std"].fillna(0), marker="s",
                             capsize=3, ls="--", label="unseen digits")
                 ax.legend(fontsize=8)
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
+            if metric == "fid":  # don't let autoscaling blow a 1% wiggle up to the full panel height
+                lo, hi = ax.get_ylim()
+                mid, half = (lo + hi) / 2, max((hi - lo) / 2, 0.1 * abs((lo + hi) / 2))
+                ax.set_ylim(max(0, mid - half), mid + half)
+            else:  # agreements are fractions
+                ax.set_ylim(-0.03, 1.03)
         if col == "fraction":
             labels = [f"{v:.0%}\nθ={t:.2g}" for v, t in zip(x, s["theta_mean"])]
         else:
@@ -535,8 +561,8 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
     text += ["## What the numbers say", "", "Computed from the tables below.", ""]
     text += [f"- {line}" for line in findings(df)] + [""]
     text += ["SaRA minus each other method, paired on (style, seed): mean ± standard error; ✓ SaRA clearly better, "
-             "✗ clearly worse, ≈ within 2 standard errors (for FID lower is better, so a negative difference is "
-             "good).", "", paired_table(df), ""]
+             "✗ clearly worse, ≈ within 2 standard errors, (tiny) = clear but under 2% of the other method's "
+             "mean (for FID lower is better, so a negative difference is good).", "", paired_table(df), ""]
     text += ["## Table 1: style fit and prompt agreement", "",
              "Rows = methods, column groups = styles (and their mean), each with the FID analogue (↓, Fréchet distance "
              "on the reference classifier's features against held-out images of the style), the prompt agreement "
