@@ -82,3 +82,24 @@ def _existing(path) -> Path:
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: sara-edu reads weights only from .safetensors files (never pickle).")
     return path
+
+
+def describe_mismatch(model_shapes: dict, file_shapes: dict) -> str | None:
+    """Why a file's tensors do not fit a model, in one sentence; None when names and shapes agree.
+
+    Both arguments map tensor names to shapes. Used by every loader that checks a
+    file against a model, so the messages read the same everywhere.
+    """
+    in_file_only = sorted(set(file_shapes) - set(model_shapes))
+    in_model_only = sorted(set(model_shapes) - set(file_shapes))
+    wrong = [k for k in file_shapes if k in model_shapes and tuple(file_shapes[k]) != tuple(model_shapes[k])]
+    parts = []
+    if in_file_only:
+        parts.append(f"{len(in_file_only)} weights of the file are not in the model (e.g. {in_file_only[0]})")
+    if in_model_only:
+        parts.append(f"{len(in_model_only)} model weights are not in the file (e.g. {in_model_only[0]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shapes differ (e.g. {k}: file {tuple(file_shapes[k])} vs model "
+                     f"{tuple(model_shapes[k])})")
+    return "; ".join(parts) or None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .io import load_tensors, save_tensors
+from .io import describe_mismatch, load_tensors, save_tensors
 from .paths import PRETRAINED_DIR
 from .text import EMBED_DIM, TinyTextEncoder
 
@@ -77,19 +77,9 @@ class TinyDiffusion:
 def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source="checkpoint") -> None:
     """``load_state_dict`` that explains a mismatch instead of dumping a traceback."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
-        raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}. "
+    problem = describe_mismatch({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
+    if problem:
+        raise CheckpointError(f"{source} does not match the model: {problem}. "
                               "Load it into a model built with the config saved beside it.")
     with torch.no_grad():
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

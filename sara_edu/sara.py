@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .io import load_tensors, save_tensors
+from .io import describe_mismatch, load_tensors, save_tensors
 from .selection import Selection, check_selection_args, considered_parameters, index_dtype_for, select_parameters
 from .train import TrainingMethod
 
@@ -700,19 +700,9 @@ def load_sparse(model, path, check_base: bool = True) -> nn.Module:
                               "full checkpoints load with load_pretrained / load_state_dict")
     saved = meta["params"]
     own = dict(model.named_parameters())
-    missing, unexpected = sorted(set(saved) - set(own)), sorted(set(own) - set(saved))
-    wrong = [n for n in saved if n in own and list(own[n].shape) != saved[n]["shape"]]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} weights of the file are not in the model (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} model weights are not in the file (e.g. {unexpected[0]})")
-        if wrong:
-            n = wrong[0]
-            parts.append(f"{len(wrong)} shapes differ (e.g. {n}: file {tuple(saved[n]['shape'])} vs model "
-                         f"{tuple(own[n].shape)})")
-        raise CheckpointError(f"{path} was trained on a different model: {'; '.join(parts)}. Load it into the "
+    problem = describe_mismatch({n: p.shape for n, p in own.items()}, {n: v["shape"] for n, v in saved.items()})
+    if problem:
+        raise CheckpointError(f"{path} was trained on a different model: {problem}. Load it into the "
                               "base model it was trained from.")
     updates = {}
     for name, info in saved.items():
