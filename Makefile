@@ -26,7 +26,7 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Regenerate the shipped model, checkpoints and classifier in data/ (about 45 min on a 2-core CPU).
+# Regenerate the shipped model, checkpoints and classifier in data/ (just under an hour on a shared 2-core CPU).
 data: $(STAMP)
 	$(PY) -m sara_edu.recipes.pretrain
 	$(PY) -m sara_edu.recipes.classifier

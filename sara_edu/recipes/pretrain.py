@@ -1,6 +1,6 @@
 """Recipe: pretrain the course model on plain digits (the shipped ``data/tiny_diffusion``).
 
-    python -m sara_edu.recipes.pretrain            # the shipped run (about 25 min on a 2-core CPU)
+    python -m sara_edu.recipes.pretrain            # the shipped run (56 min measured on a busy 2-core CPU)
     python -m sara_edu.recipes.pretrain --steps 3 --out /tmp/x   # a smoke run
 
 Only plain prompts ("a digit 3") are seen; the five style words stay unused, like a
