@@ -209,6 +209,31 @@ def _check_number(name, value, *, low=None, low_inclusive=True, allow_none=False
         raise ConfigError(f"{name} must be {kind}{bound}, got {value!r}")
 
 
+def release_model(optimizer, params, requires_grad: bool | None) -> nn.Module | None:
+    """The shared end of ``detach`` for SaRA and the selective baseline.
+
+    Clears the optimizer state, removes the marks from ``params`` and restores
+    (``requires_grad=None``) or sets the parameters' ``requires_grad`` flags.
+    """
+    model = optimizer._model_ref()
+    optimizer.state.clear()
+    _unmark(model, params)
+    if model is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(optimizer._requires_grad_before.get(name, True) if requires_grad is None
+                             else bool(requires_grad))
+    optimizer.detached = True
+    return model
+
+
+def attached_model(optimizer) -> nn.Module:
+    """The live model an optimizer was attached to, or a clear error."""
+    model = optimizer._model_ref()
+    if model is None:
+        raise ConfigError("the model this optimizer was attached to no longer exists")
+    return model
+
+
 class SaRAAdamW(torch.optim.AdamW):
     """AdamW that trains only the small-|w| entries of ``model``, SaRA-style.
 
@@ -467,20 +492,12 @@ class SaRAAdamW(torch.optim.AdamW):
         ``requires_grad=None`` restores the flags the parameters had before
         attaching; ``True``/``False`` sets them all.
         """
-        model = self._model_ref()
         for slot in self.slots:
             self._unhook(slot)
             slot.values.grad = None
             slot.values.data = slot.values.data[:0]  # free the trainable copy; the weights hold the values
             slot.initial = None
-        self.state.clear()
-        _unmark(model, [s.param for s in self.slots])
-        if model is not None:
-            for name, p in model.named_parameters():
-                p.requires_grad_(self._requires_grad_before.get(name, True) if requires_grad is None
-                                 else bool(requires_grad))
-        self.detached = True
-        return model
+        return release_model(self, [s.param for s in self.slots], requires_grad)
 
     # ---------------------------------------------------------------- saving
     def trained_entries(self) -> dict[str, torch.Tensor]:
@@ -489,10 +506,7 @@ class SaRAAdamW(torch.optim.AdamW):
 
     @property
     def model(self) -> nn.Module:
-        model = self._model_ref()
-        if model is None:
-            raise ConfigError("the model this optimizer was attached to no longer exists")
-        return model
+        return attached_model(self)
 
     def config(self) -> dict:
         sel = self.selection

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .sara import _mark, _unmark, adamw_update, check_attachable, save_sparse
+from .sara import _mark, adamw_update, attached_model, check_attachable, release_model, save_sparse
 from .selection import Selection, check_selection_args, select_parameters
 from .train import TrainingMethod
 
@@ -72,10 +72,7 @@ class MaskedAdamW(torch.optim.AdamW):
 
     @property
     def model(self) -> nn.Module:
-        model = self._model_ref()
-        if model is None:
-            raise ConfigError("the model this optimizer was attached to no longer exists")
-        return model
+        return attached_model(self)
 
     @property
     def num_trainable(self) -> int:
@@ -89,18 +86,10 @@ class MaskedAdamW(torch.optim.AdamW):
 
     def detach(self, requires_grad: bool | None = None) -> nn.Module | None:
         """Remove the grad hooks and marks; restore (or set) the requires_grad flags."""
-        model = self._model_ref()
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.state.clear()
-        _unmark(model, [p for g in self.param_groups for p in g["params"]])
-        if model is not None:
-            for name, p in model.named_parameters():
-                p.requires_grad_(self._requires_grad_before.get(name, True) if requires_grad is None
-                                 else bool(requires_grad))
-        self.detached = True
-        return model
+        return release_model(self, [p for g in self.param_groups for p in g["params"]], requires_grad)
 
 
 @dataclass
