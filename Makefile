@@ -28,8 +28,8 @@ test: $(STAMP)
 
 # Regenerate the shipped model, checkpoints and classifier in data/ (just under an hour on a shared 2-core CPU).
 data: $(STAMP)
-	$(PY) -m sara_edu.recipes.pretrain
-	$(PY) -m sara_edu.recipes.classifier
+	$(PY) -m sara_edu.world.recipes.pretrain
+	$(PY) -m sara_edu.world.recipes.classifier
 
 # The study behind reports/study.md (about 40 min on a 2-core CPU; resumable: rerun to continue).
 study: $(STAMP)

@@ -4,10 +4,10 @@
     python benchmarks/memory_time.py --models course --steps 20
     python benchmarks/memory_time.py --quick             # smoke run: course model, few steps
 
-Every method runs through the course's own loop (:func:`sara_edu.train.train`)
+Every method runs through the course's own loop (:func:`sara_edu.training.train`)
 on a fresh copy of the same model, so the comparisons are fair:
 
-* memory: a :class:`~sara_edu.memory.MemoryTracker` counts every tensor created
+* memory: a :class:`~sara_edu.measure.memory.MemoryTracker` counts every tensor created
   from the moment the method is attached (parameter selection included)
   through the first ``TRACKED_STEPS`` training steps (the optimizer state exists
   from step 1 on, so step 2 is a steady-state step; SaRA's progressive
@@ -42,12 +42,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sara_edu.lora import LoRA, lora_rank_matching, save_lora  # noqa: E402
-from sara_edu.memory import MB, MemoryTracker  # noqa: E402
-from sara_edu.train import FullFineTuning, TrainingMethod, pick_device, train  # noqa: E402
+from sara_edu.training.lora import LoRA, lora_rank_matching, save_lora  # noqa: E402
+from sara_edu.measure.memory import MB, MemoryTracker  # noqa: E402
+from sara_edu.training.method import FullFineTuning, TrainingMethod
+from sara_edu.training.loop import pick_device, train  # noqa: E402
 
 TRACKED_STEPS = 2
-SD15_CONFIG = ROOT / "sara_edu" / "configs" / "sd15_unet_config.json"
+SD15_CONFIG = ROOT / "sara_edu" / "sd" / "sd15_unet_config.json"
 CACHE = Path(tempfile.gettempdir()) / "sara_edu_bench"
 
 
@@ -86,7 +87,7 @@ class RandomSamples(torch.utils.data.Dataset):
 def course_model():
     """The shipped course model (or a random one with its config if it is not there yet)."""
     from sara_edu.errors import CheckpointError
-    from sara_edu.model import TinyDiffusion, build_unet, load_pretrained
+    from sara_edu.world.model import TinyDiffusion, build_unet, load_pretrained
 
     try:
         pipe = load_pretrained()
@@ -147,7 +148,7 @@ def make_setup(model: str, device):
         size = config["sample_size"]
 
         def fresh():
-            from sara_edu.model import build_unet
+            from sara_edu.world.model import build_unet
 
             unet = build_unet({k: v for k, v in config.items() if not k.startswith("_")}, seed=None)
             unet.load_state_dict(state)
@@ -209,8 +210,8 @@ def method_factories(have_sara: bool):
     rows = [("plain fwd+bwd (reference)", None), ("full fine-tuning", FullFineTuning),
             ("LoRA r=4", lambda: LoRA(rank=4))]
     if have_sara:
-        from sara_edu.sara import SaRA
-        from sara_edu.selective import SelectiveFineTuning
+        from sara_edu.training.sara import SaRA
+        from sara_edu.training.selective import SelectiveFineTuning
 
         rows += [("selective 10% (no UB)", lambda: SelectiveFineTuning(fraction=0.1)),
                  ("SaRA 10% (no nuclear)", lambda: SaRA(fraction=0.1, rank_lambda=0.0, progressive_iter=TRACKED_STEPS)),
@@ -248,7 +249,7 @@ def saved_file_bytes(name, method, unet, folder: Path) -> float:
         except Exception as e:  # report the size anyway: the raw bytes of positions + values
             print(f"  ! {name}: save failed ({type(e).__name__}: {e}); reporting the raw size of its "
                   "positions + values instead", flush=True)
-            from sara_edu.selection import index_dtype_for
+            from sara_edu.sara.selection import index_dtype_for
 
             own = dict(unet.named_parameters())
             return sum(idx.numel() * (torch.empty(0, dtype=index_dtype_for(own[n].numel())).element_size()

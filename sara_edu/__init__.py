@@ -1,7 +1,11 @@
 """sara-edu: learn and use SaRA (progressive sparse low-rank adaptation) next to LoRA.
 
 Importing the package is cheap: submodules (and torch/diffusers behind them)
-load on first use, e.g. ``sara_edu.load_pretrained`` or ``from sara_edu.sara import SaRA``.
+load on first use, e.g. ``sara_edu.load_pretrained`` or ``from sara_edu.sara import SaRAAdamW``.
+
+The folders are the architecture: ``sara/`` the method, ``training/`` the baselines and the
+one loop, ``world/`` the course's tiny world, ``sd/`` Stable Diffusion, ``measure/`` memory and
+time, ``lessons/`` the code behind each notebook, ``study/`` the comparison behind the report.
 """
 from importlib import import_module
 
@@ -9,29 +13,29 @@ __version__ = "0.1.0"
 
 # name -> submodule that defines it; resolved lazily by __getattr__
 _EXPORTS = {
-    "load_pretrained": "model", "generate": "model", "TinyDiffusion": "model", "build_unet": "model",
-    "save_pretrained": "model", "list_checkpoints": "model",
-    "make_prompt": "text", "TinyTextEncoder": "text", "STYLES": "text",
-    "StyleDataset": "data", "ImageFolderDataset": "data", "load_digits_images": "data",
-    "train": "train", "FullFineTuning": "train", "TrainingMethod": "train", "pick_device": "train",
-    "load_stable_diffusion": "sd", "generate_sd": "sd", "tiny_sd_pipeline": "sd",
-    "StableDiffusionAdapter": "sd",
-    "show_images": "course", "environment_report": "course", "choose": "course", "QUICK": "course",
-    "interactive_or_static": "widgets",
-    "weight_stats": "weights", "kind_stats": "weights", "parameter_kind": "weights",
-    "prune_below": "pruning", "pruned_copy": "pruning", "fraction_below": "pruning",
-    "threshold_for_fraction": "pruning", "quality_vs_pruning": "pruning",
-    "SaraEduError": "errors", "CheckpointError": "errors", "DataError": "errors",
-    "ConfigError": "errors", "PromptError": "errors",
-    "SaRA": "sara", "SaRAAdamW": "sara", "save_sparse": "sara", "load_sparse": "sara",
-    "nuclear_norm_penalty": "sara",
-    "SelectiveFineTuning": "selective", "select_parameters": "selection",
-    "LoRA": "lora", "lora_rank_matching": "lora", "save_lora": "lora", "load_lora": "lora", "merge_lora": "lora",
-    "MemoryTracker": "memory", "MemoryReport": "memory", "measure_step_time": "memory",
-    "plot_memory_breakdown": "memory",
-    "load_classifier": "classifier", "fid_analogue": "metrics", "prompt_agreement": "metrics",
-    "vlhi": "metrics", "vlhi_table": "metrics", "evaluate": "metrics", "per_digit_recognition": "metrics",
-    "finetune_methods": "compare", "side_by_side": "compare", "metric_table": "compare",
+    # the method (sara_edu.sara: torch + safetensors only)
+    "SaRAAdamW": "sara", "save_sparse": "sara", "load_sparse": "sara", "select_parameters": "sara",
+    "nuclear_norm_penalty": "sara", "detach": "sara", "merge": "sara",
+    # the baselines and the one loop
+    "train": "training", "pick_device": "training", "TrainingMethod": "training", "FullFineTuning": "training",
+    "SaRA": "training", "LoRA": "training", "SelectiveFineTuning": "training",
+    "lora_rank_matching": "training.lora", "save_lora": "training.lora", "load_lora": "training.lora",
+    "merge_lora": "training.lora",
+    # the course's tiny world
+    "load_pretrained": "world.model", "generate": "world.model", "TinyDiffusion": "world.model",
+    "build_unet": "world.model", "save_pretrained": "world.model", "list_checkpoints": "world.model",
+    "make_prompt": "world.text", "TinyTextEncoder": "world.text", "STYLES": "world.text",
+    "StyleDataset": "world.data", "ImageFolderDataset": "world.data", "load_digits_images": "world.data",
+    "load_classifier": "world.classifier", "fid_analogue": "world.metrics", "prompt_agreement": "world.metrics",
+    "vlhi": "world.metrics", "vlhi_table": "world.metrics", "evaluate": "world.metrics",
+    "per_digit_recognition": "world.metrics",
+    # Stable Diffusion
+    "load_stable_diffusion": "sd", "generate_sd": "sd", "tiny_sd_pipeline": "sd", "StableDiffusionAdapter": "sd",
+    # measurement
+    "MemoryTracker": "measure", "MemoryReport": "measure", "measure_step_time": "measure",
+    # errors
+    "SaraEduError": "errors", "CheckpointError": "errors", "DataError": "errors", "ConfigError": "errors",
+    "PromptError": "errors",
 }
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sara_edu.model import TinyDiffusion, build_unet
-from sara_edu.text import TinyTextEncoder
+from sara_edu.world.model import TinyDiffusion, build_unet
+from sara_edu.world.text import TinyTextEncoder
 
 
 @pytest.fixture

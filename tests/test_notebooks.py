@@ -44,14 +44,14 @@ def test_there_are_notebooks_and_each_is_listed_in_the_readme():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
 def test_notebook_is_committed_clean_and_follows_the_conventions(path):
-    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{path.name} is large: strip outputs (python -m sara_edu.course --strip)"
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{path.name} is large: strip outputs (python -m sara_edu.lessons.notebook --strip)"
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, \
-                f"{path.name} cell {i} has outputs: run `python -m sara_edu.course --strip notebooks/*.ipynb`"
+                f"{path.name} cell {i} has outputs: run `python -m sara_edu.lessons.notebook --strip notebooks/*.ipynb`"
             lines = cell.source.strip().splitlines()
             assert len(lines) <= MAX_CODE_CELL_LINES, \
                 f"{path.name} cell {i} has {len(lines)} lines: move the logic into sara_edu and call it"

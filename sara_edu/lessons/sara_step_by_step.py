@@ -1,0 +1,307 @@
+"""Small looks inside a SaRA run: the helpers behind notebook 03 ("SaRA step by step").
+
+* the **mask**: which share of every layer SaRA would train (:func:`mask_figure`);
+* the **nuclear-norm term**: singular values of the learned update ``ΔW`` of
+  a weight matrix (:func:`update_spectrum`, :func:`spectrum_table`,
+  :func:`plot_update_spectra`), with and without the penalty;
+* **progressive adjustment**: how many trained entries froze and how many went
+  on training (:func:`churn_by_kind`, :func:`progressive_summary`,
+  :func:`plot_progressive`);
+* **save, load, merge**: file sizes (:func:`file_size_table`) and a check that
+  a merged model is a plain model (:func:`plain_model_check`).
+
+The functions that compare weights take models as a pipe, an ``nn.Module`` or a
+state dict, so the same call works on the pretrained model and on any
+fine-tuned copy of it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import ConfigError
+from .weight_distributions import named_weights, parameter_kind
+
+MB = 2**20
+
+
+# ------------------------------------------------------------------ the mask
+
+def mask_figure(model, fraction: float = 0.1):
+    """Bar per layer: the share of its entries with |w| below the global θ for ``fraction``.
+
+    What SaRA's mask selects (``SaRA(fraction=...)``); the logic behind notebook
+    03's fraction slider.
+    """
+    from .pruning_thresholds import fraction_below, threshold_for_fraction
+    from .weight_distributions import plot_fraction_by_layer
+
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"fraction must be strictly between 0 and 1 (0.1 = the smallest 10%), got {fraction!r}")
+    theta = threshold_for_fraction(model, fraction)
+    overall, table = fraction_below(model, theta)
+    total = int(table.numel.sum())
+    return plot_fraction_by_layer(
+        table, "fraction", reference=overall, reference_label=f"whole UNet: {overall:.1%}",
+        title=f"SaRA's mask for fraction {fraction:.0%}: θ = {theta:.2e}, "
+              f"{round(overall * total):,} of {total:,} entries train",
+        ylabel="share of the layer that trains")
+
+
+# ------------------------------------------------------------------ the learned update and its spectrum
+
+def weight_update(before, after, name: str) -> torch.Tensor:
+    """``ΔW = W_after - W_before`` of one weight as a matrix (a conv kernel becomes out x (in·k·k)).
+
+    This is the matrix the nuclear-norm term ``λ·‖ΔW⊙M‖*`` acts on. SaRA trains
+    only masked entries, so ``ΔW`` is already ``ΔW⊙M``.
+    """
+    w0, w1 = named_weights(before), named_weights(after)
+    if name not in w0 or name not in w1:
+        known = [n for n in w1 if w1[n].ndim >= 2][:5]
+        raise ConfigError(f"no weight {name!r} in both models; matrix weights look like {known}")
+    a, b = w0[name], w1[name]
+    if a.shape != b.shape:
+        raise ConfigError(f"{name} has shape {tuple(a.shape)} before and {tuple(b.shape)} after: not the same model")
+    if a.ndim < 2:
+        raise ConfigError(f"{name} is a vector {tuple(a.shape)}: it has no singular values; pick a matrix weight")
+    delta = b.detach().double().cpu() - a.detach().double().cpu()
+    return delta.reshape(delta.shape[0], -1)
+
+
+def update_spectrum(before, after, name: str) -> np.ndarray:
+    """Singular values (descending) of the learned update ``ΔW`` of weight ``name``.
+
+    A low-rank update has a few large singular values and the rest near zero;
+    the nuclear norm ``‖ΔW‖*`` is their sum.
+    """
+    return torch.linalg.svdvals(weight_update(before, after, name)).numpy()
+
+
+def matrix_weights(model, min_side: int = 2) -> list[str]:
+    """Names of the 2-D weights (Linear layers), the ones SaRA's nuclear-norm term acts on."""
+    return [n for n, w in named_weights(model).items() if w.ndim == 2 and min(w.shape) >= min_side]
+
+
+def rank_for_energy(sigma, energy: float = 0.9) -> int:
+    """How many of the largest singular values hold ``energy`` of ``Σσ²`` (0 for a zero update)."""
+    sigma = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
+    total = float((sigma**2).sum())
+    if total == 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(sigma**2) / total, energy - 1e-12) + 1)
+
+
+def spectrum_table(before, runs: dict, names=None, energy: float = 0.9) -> pd.DataFrame:
+    """Per run and matrix weight: how low-rank is the learned update?
+
+    ``runs``: ``{label: fine-tuned model}``. Columns: ``nuclear_norm`` (Σσ),
+    ``frobenius_norm`` (sqrt Σσ²), ``nuclear_over_frobenius`` (between 1 for rank
+    one and sqrt(rank) for a flat spectrum: lower means more low-rank, whatever
+    the update's size), ``rank_90`` (singular values holding 90% of Σσ²) and
+    ``full_rank`` (the smaller side of the matrix). Weights that did not change
+    in a run are left out of it.
+    """
+    if not isinstance(runs, dict) or not runs:
+        raise ConfigError("runs must be a non-empty dict {label: fine-tuned model}")
+    names = list(names) if names is not None else matrix_weights(before)
+    rows = []
+    for label, after in runs.items():
+        for name in names:
+            sigma = update_spectrum(before, after, name)
+            fro = float(np.sqrt((sigma**2).sum()))
+            if fro == 0:
+                continue
+            rows.append({"run": label, "name": name, "kind": parameter_kind(name), "nuclear_norm": float(sigma.sum()),
+                         "frobenius_norm": fro, "nuclear_over_frobenius": float(sigma.sum()) / fro,
+                         "rank_90": rank_for_energy(sigma, energy), "full_rank": len(sigma)})
+    return pd.DataFrame(rows, columns=["run", "name", "kind", "nuclear_norm", "frobenius_norm",
+                                       "nuclear_over_frobenius", "rank_90", "full_rank"])
+
+
+def plot_update_spectra(before, runs: dict, name: str | None = None):
+    """Two panels comparing runs (e.g. with and without the nuclear-norm term).
+
+    Left: the singular values of ``ΔW`` for one weight ``name`` (default: the
+    largest matrix), scaled by the largest, on a log axis. Right: for every
+    matrix weight, ``‖ΔW‖* / ‖ΔW‖_F`` (1 = rank one; larger = spread over more
+    directions), one box per run.
+    """
+    import matplotlib.pyplot as plt
+
+    table = spectrum_table(before, runs)
+    if table.empty:
+        raise ConfigError("no matrix weight changed in any run: train first")
+    if name is None:
+        sizes = {n: named_weights(before)[n].numel() for n in table.name.unique()}
+        name = max(sizes, key=sizes.get)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1.3, 1]})
+    colours = plt.get_cmap("tab10")
+    for i, (label, after) in enumerate(runs.items()):
+        sigma = update_spectrum(before, after, name)
+        if sigma[0] > 0:
+            left.semilogy(np.arange(1, len(sigma) + 1), sigma / sigma[0], "o-", ms=3, color=colours(i),
+                          label=f"{label}: rank_90 = {rank_for_energy(sigma)}, ‖ΔW‖* = {sigma.sum():.3g}")
+    left.set_xlabel("singular value index i (largest first)")
+    left.set_ylabel("σ_i / σ_1 (log scale)")
+    left.set_title(f"Spectrum of the learned update ΔW\n{name}", fontsize=9)
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=8)
+    labels = list(runs)
+    data = [table.loc[table.run == label, "nuclear_over_frobenius"].to_numpy() for label in labels]
+    box = right.boxplot(data, patch_artist=True)
+    right.set_xticks(range(1, len(labels) + 1), labels)
+    for patch, i in zip(box["boxes"], range(len(labels))):
+        patch.set_facecolor(colours(i))
+        patch.set_alpha(0.5)
+    for i, values in enumerate(data):
+        right.scatter(np.full(len(values), i + 1.0) + np.linspace(-0.12, 0.12, len(values)), values, s=8,
+                      color=colours(i), zorder=3)
+    right.set_ylabel("‖ΔW‖* / ‖ΔW‖_F  (1 = rank one; lower = more low-rank)")
+    right.set_title(f"Every matrix weight ({len(data[0])} per run)", fontsize=9)
+    right.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ progressive adjustment
+
+def _sara_optimizer(method):
+    opt = getattr(method, "optimizer", method)
+    if not hasattr(opt, "slots") or not hasattr(opt, "trained_entries"):
+        raise ConfigError(f"expected a SaRA method (after training) or a SaRAAdamW, got {type(method).__name__}")
+    return opt
+
+
+def churn_by_kind(churn: pd.DataFrame) -> pd.DataFrame:
+    """Progressive adjustment per kind of layer: selected, froze, continue, % froze.
+
+    ``churn``: ``SaRA.churn`` (one row per weight plus ``TOTAL``), the record of
+    the re-selection at ``progressive_iter``.
+    """
+    if churn is None or not {"name", "selected", "froze", "continue"} <= set(churn.columns):
+        raise ConfigError("no progressive adjustment happened in this run (churn is empty): train for at least "
+                          "2 steps with progressive_iter set (the default is half of training)")
+    rows = churn[churn.name != "TOTAL"].assign(kind=lambda d: d.name.map(parameter_kind))
+    table = rows.groupby("kind", sort=False)[["selected", "froze", "continue"]].sum()
+    table.loc["TOTAL"] = table.sum()
+    table["% froze"] = 100 * table.froze / table.selected.clip(lower=1)
+    return table
+
+
+def progressive_summary(before, runs: dict) -> pd.DataFrame:
+    """What progressive adjustment did, per SaRA run (``{label: trained SaRA method}``).
+
+    Columns: entries ``selected`` at the start, ``froze`` and ``continued`` at the
+    re-selection (0 and all without it), ``trainable at the end``, and, over
+    every entry that trained: the share whose ``|w|`` ended at or above its θ
+    ("became effective") and the mean ``|Δw|``.
+    """
+    if not isinstance(runs, dict) or not runs:
+        raise ConfigError("runs must be a non-empty dict {label: trained SaRA method}")
+    base = named_weights(before)
+    rows = []
+    for label, method in runs.items():
+        opt = _sara_optimizer(method)
+        selected = int(opt.selection.total_selected)
+        churn = opt.churn
+        froze = int(churn.loc[churn.name == "TOTAL", "froze"].iloc[0]) if churn is not None else 0
+        above = moved = total = 0
+        for slot in opt.slots:
+            idx = slot.trained_positions().long().cpu()
+            if idx.numel() == 0:
+                continue
+            now = slot.param.detach().reshape(-1).cpu()[idx].double()
+            was = base[slot.name].reshape(-1).cpu()[idx].double()
+            above += int((now.abs() >= slot.threshold).sum())
+            moved += float((now - was).abs().sum())
+            total += idx.numel()
+        rows.append({"run": label, "selected": selected, "froze": froze, "continued": selected - froze,
+                     "trainable at the end": int(opt.num_trainable) if not opt.detached else selected - froze,
+                     "% ended ≥ θ": 100 * above / max(total, 1), "mean |Δw|": moved / max(total, 1)})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def plot_progressive(runs: dict, bins: int = 60):
+    """Histogram of ``|w| / θ`` at the end of training over the entries that trained, one per run.
+
+    Entries right of the dashed line (``|w| ≥ θ``) have become "effective";
+    with progressive adjustment, those that got there by the re-selection stopped training.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(runs, dict) or not runs:
+        raise ConfigError("runs must be a non-empty dict {label: trained SaRA method}")
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    colours = plt.get_cmap("tab10")
+    edges = np.linspace(0, 3, bins + 1)
+    for i, (label, method) in enumerate(runs.items()):
+        opt = _sara_optimizer(method)
+        ratios = []
+        for slot in opt.slots:
+            idx = slot.trained_positions().long().cpu()
+            if idx.numel():
+                ratios.append((slot.param.detach().reshape(-1).cpu()[idx].abs() / slot.threshold).numpy())
+        values = np.concatenate(ratios) if ratios else np.zeros(0)
+        ax.hist(np.clip(values, 0, 3), bins=edges, histtype="step", lw=1.8, color=colours(i),
+                label=f"{label}: {100 * (values >= 1).mean() if len(values) else 0:.1f}% end ≥ θ")
+    ax.axvline(1, color="k", ls="--", lw=1)
+    ax.text(1.02, 0.95, "θ", transform=ax.get_xaxis_transform(), va="top")
+    ax.set_yscale("log")
+    ax.set_xlabel("|w| / θ at the end of training (entries that trained; values above 3 drawn at 3)")
+    ax.set_ylabel("number of entries (log scale)")
+    ax.set_title("Where the trained entries ended up, relative to the threshold θ")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ saving, loading, merging
+
+def file_size_table(files: dict) -> pd.DataFrame:
+    """``{label: path}`` -> sizes in MB and as a share of the largest file."""
+    if not files:
+        raise ConfigError("give at least one file, e.g. {'SaRA sparse file': path}")
+    rows = []
+    for label, path in files.items():
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{label}: {path} does not exist (save it first)")
+        rows.append({"file": label, "path": str(path), "MB": path.stat().st_size / MB})
+    table = pd.DataFrame(rows).set_index("file")
+    table["% of the largest"] = 100 * table.MB / table.MB.max()
+    return table
+
+
+def plain_model_check(unet) -> pd.Series:
+    """Is ``unet`` a plain model again? (no SaRA/selective optimizer, no gradient hooks, no LoRA layers)."""
+    from ..sara.attach import MODULE_FLAG, attached_owner
+    from ..training.lora import has_lora
+
+    unet = getattr(unet, "unet", unet)
+    hooks = sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) + len(p._backward_hooks or {})
+                for p in unet.parameters())
+    checks = {"SaRA optimizer attached": attached_owner(unet) is not None,
+              "SaRA mark on the module": MODULE_FLAG in vars(unet),
+              "gradient hooks on weights": hooks,
+              "LoRA layers": has_lora(unet),
+              "parameters": sum(p.numel() for p in unet.parameters()),
+              "class": type(unet).__name__}
+    return pd.Series(checks, name="value", dtype=object).rename_axis("check")
+
+
+def max_difference(images_a, images_b) -> float:
+    """Largest absolute pixel difference between two image batches (0.0 = identical)."""
+    if images_a.shape != images_b.shape:
+        raise ConfigError(f"image batches differ in shape: {tuple(images_a.shape)} vs {tuple(images_b.shape)}")
+    return float((images_a.float() - images_b.float()).abs().max()) if images_a.numel() else 0.0
+
+
+__all__ = ["mask_figure", "weight_update", "update_spectrum", "matrix_weights", "rank_for_energy", "spectrum_table",
+           "plot_update_spectra", "churn_by_kind", "progressive_summary", "plot_progressive", "file_size_table",
+           "plain_model_check", "max_difference"]
+

@@ -1,0 +1,84 @@
+"""The low-rank part of SaRA: the nuclear norm ``λ·‖ΔW⊙M‖*`` and its subgradient.
+
+We penalise the *update* ``ΔW⊙M`` (trained values minus their initial values,
+zero off the mask), which is what the paper's equation writes. The authors'
+release penalises ``W⊙M`` (the selected values themselves); with small
+selected values the two differ by the (small) initial part. :class:`SaRAAdamW`
+applies it to one randomly chosen eligible 2-D weight per step (as the
+authors do), adding ``λ·U·Vᵀ`` to that weight's gradient inside ``step()``.
+
+Cost: ``U·Vᵀ`` comes from an eigendecomposition of the small side's Gram
+matrix instead of a full SVD (:func:`nuclear_norm_grad`). On an SD1.5-sized
+UNet (184 eligible matrices) on a 2-core CPU one matrix takes 0.01 s (320×320)
+to 1.6 s (10240×1280), 0.27 s on average: about 1% of a forward+backward step
+there (~20 s). ``nuclear_every`` and ``nuclear_max_numel`` cut it further.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ConfigError
+from .attach import optimizer_of
+
+
+def nuclear_norm_grad(delta: torch.Tensor, method: str = "gram") -> tuple[torch.Tensor, float]:
+    """``(U·Vᵀ, ‖delta‖*)``: the (sub)gradient and value of the nuclear norm of a matrix.
+
+    ``method="svd"`` uses ``torch.linalg.svd(full_matrices=False)``. The default
+    ``"gram"`` is the same quantity computed from the small side's Gram matrix:
+    with ``A`` the tall orientation (m ≥ n), ``AᵀA = VΣ²Vᵀ`` (an n×n ``eigh``)
+    and ``U·Vᵀ = A·V·Σ⁻¹·Vᵀ``. It costs two matmuls plus an n×n eigensolver,
+    2-10x faster than a full SVD on a CPU for SD-sized weights. Squaring
+    loses half the digits, so directions with ``σ < sqrt(eps)·σ_max`` are
+    treated as exactly zero, for which 0 is a valid subgradient (as for an
+    all-zero delta at the first step).
+    """
+    work = delta.to(torch.float32) if delta.dtype in (torch.float16, torch.bfloat16) else delta
+    if method == "svd":
+        U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+        keep = S > S.max() * torch.finfo(work.dtype).eps * max(work.shape)
+        G = U[:, keep] @ Vh[keep]
+        return G.to(delta.dtype), float(S.sum())
+    if method != "gram":
+        raise ConfigError(f"nuclear method must be 'gram' or 'svd', got {method!r}")
+    tall = work.shape[0] >= work.shape[1]
+    A = work if tall else work.T
+    evals, V = torch.linalg.eigh(A.T @ A)
+    sigma = evals.clamp_min(0).sqrt()
+    smax = sigma.max() if sigma.numel() else sigma.new_zeros(())
+    keep = sigma > smax * math.sqrt(torch.finfo(work.dtype).eps)
+    if not bool(keep.any()):
+        return torch.zeros_like(delta), 0.0
+    Vk = V[:, keep]
+    # (V Σ⁻¹ Vᵀ) is only n×n: forming it first makes the m-sized work a single matmul
+    G = A @ ((Vk / sigma[keep]) @ Vk.T)
+    G = G if tall else G.T
+    return G.to(delta.dtype), float(sigma[keep].sum())
+
+
+def nuclear_norm_penalty(obj, rank_lambda: float | None = None, per_layer: bool = False):
+    """``λ·‖ΔW⊙M‖*`` for logging and notebooks.
+
+    ``obj`` is a matrix (then ``λ`` defaults to 1) or a :class:`SaRAAdamW` /
+    :class:`SaRA` (then ``λ`` defaults to its ``rank_lambda`` and the value is
+    summed over every eligible 2-D weight, with exact singular values; a
+    DataFrame per layer with ``per_layer=True``). Costs one SVD per matrix.
+    """
+    if isinstance(obj, torch.Tensor):
+        lam = 1.0 if rank_lambda is None else rank_lambda
+        return lam * float(torch.linalg.matrix_norm(obj.detach().float(), "nuc"))
+    opt = optimizer_of(obj)
+    lam = opt.rank_lambda if rank_lambda is None else rank_lambda
+    rows = []
+    for slot in opt.slots:
+        if slot.initial is None or slot.idx.numel() == 0:
+            continue
+        nuc = float(torch.linalg.matrix_norm(opt._delta(slot).float(), "nuc"))
+        rows.append({"name": slot.name, "nuclear_norm": nuc, "penalty": lam * nuc})
+    if not per_layer:
+        return sum(r["penalty"] for r in rows)
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["name", "nuclear_norm", "penalty"])

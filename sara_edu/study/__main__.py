@@ -1,0 +1,50 @@
+"""``python -m sara_edu.study run|report``: run (or resume) the study, then write its report."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from ..world.paths import REPO_ROOT
+from .config import FULL, QUICK
+from .run import run_study
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sara_edu.study",
+                                     description="Reproduce the paper's comparisons on the course model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) the study, appending one CSV row per run")
+    run.add_argument("--quick", action="store_true", help="the reduced grid CI runs (a minute or two)")
+    run.add_argument("--out", default=None,
+                     help="results CSV (default reports/study_results.csv; with --quick runs/study_quick.csv)")
+    run.add_argument("--model", default=None, help="pretrained model folder (default: the shipped model)")
+    cores = os.cpu_count() or 1
+    run.add_argument("--workers", type=int, default=min(2, cores),
+                     help="runs side by side, in separate processes (default: 2, or 1 on a 1-core machine)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch threads per run (default: the cores shared out between the workers)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rep = sub.add_parser("report", help="write the markdown report and figures from the CSV")
+    rep.add_argument("--csv", default=str(REPO_ROOT / "reports" / "study_results.csv"))
+    rep.add_argument("--out", default=str(REPO_ROOT / "reports" / "study.md"))
+    rep.add_argument("--study", default=None, help="which study of the CSV to report (default: the only one)")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        config = QUICK if args.quick else FULL
+        out = args.out or str(REPO_ROOT / ("runs/study_quick.csv" if args.quick else "reports/study_results.csv"))
+        start = time.perf_counter()
+        threads = args.threads or max(1, cores // max(args.workers, 1))
+        results = run_study(config, out, model=args.model, workers=args.workers, threads=threads,
+                            progress=not args.no_progress)
+        print(f"{len(results[results.study == config.name])} runs of the {config.name!r} study in {out} "
+              f"({time.perf_counter() - start:.0f} s this session)")
+    else:
+        from .report import write_report
+
+        path = write_report(args.csv, args.out, study=args.study)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""What the study runs: methods, settings, the grid, and the results CSV's schema.
+
+Shared by :mod:`.run` (which writes the CSV) and :mod:`.report` (which reads
+it), so neither imports the other.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import ConfigError, DataError
+
+#: Method keys, in table order, with the label the report prints.
+METHOD_LABELS = {
+    "sara": "SaRA",
+    "sara_no_nuclear": "SaRA w/o nuclear norm",
+    "sara_no_progressive": "SaRA w/o progressive",
+    "selective": "selective FT (no UB)",
+    "lora_r4": "LoRA r=4",
+    "lora_matched": "LoRA rank-matched",
+    "full": "full fine-tuning",
+}
+
+
+#: The reference row: the pretrained model, not fine-tuned (evaluated like every run).
+PRETRAINED = "pretrained"
+
+
+SELECTION_METHODS = ("sara", "sara_no_nuclear", "sara_no_progressive", "selective", "lora_matched")
+
+
+NUCLEAR_METHODS = ("sara", "sara_no_progressive")
+
+
+TRACKED_STEPS = 2  # memory is counted over attach + these first steps (the tracker slows ops down)
+
+
+#: Every column of the results CSV and its type ("str", "int", "float"), in file order.
+SCHEMA = {
+    # what ran
+    "run_id": "str", "study": "str", "phase": "str", "method": "str", "style": "str", "seed": "int",
+    "lr": "float", "fraction": "float", "rank_lambda": "float", "steps": "int", "batch_size": "int",
+    "limit_per_digit": "int", "eval_per_digit": "int", "eval_plain_per_digit": "int", "eval_steps": "int",
+    "guidance_scale": "float",
+    # training and its cost
+    "status": "str", "n_train_images": "int", "trainable_params": "int", "theta": "float",
+    "lora_rank": "int", "lora_targets": "str", "final_loss": "float", "peak_memory_mb": "float",
+    "step_time_s": "float", "train_time_s": "float", "file_size_bytes": "int",
+    # the trained style on the fine-tuning digits (the paper's Table 1)
+    "fid": "float", "fid_floor": "float", "digit_acc": "float", "look_acc": "float", "agreement": "float",
+    # generalisation: the style on digits left out of fine-tuning
+    "unseen_fid": "float", "unseen_digit_acc": "float", "unseen_look_acc": "float", "unseen_agreement": "float",
+    # retention: plain prompts after fine-tuning
+    "plain_fid": "float", "plain_digit_acc": "float", "plain_agreement": "float", "plain_drift": "float",
+    # bookkeeping
+    "eval_time_s": "float", "threads": "int", "machine": "str", "finished_utc": "str",
+}
+
+
+_PANDAS_DTYPES = {"str": "str", "int": "int64", "float": "float64"}
+
+
+def read_results(path) -> pd.DataFrame:
+    """The results CSV as a DataFrame with :data:`SCHEMA`'s columns and types (empty if no file)."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame({c: pd.Series(dtype=_PANDAS_DTYPES[t]) for c, t in SCHEMA.items()})
+    try:
+        df = pd.read_csv(path, dtype={c: str for c, t in SCHEMA.items() if t == "str"}, keep_default_na=False,
+                         na_values={c: ["", "nan", "NaN"] for c, t in SCHEMA.items() if t != "str"})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a readable study CSV ({e}); delete it (the study re-runs everything) "
+                        "or restore it from git") from e
+    missing = [c for c in SCHEMA if c not in df.columns]
+    if missing:
+        raise DataError(f"{path} lacks the study columns {missing[:5]}{'...' if len(missing) > 5 else ''}: it was "
+                        "written by another version of sara_edu.study. Move it away and re-run the study.")
+    df = df[list(SCHEMA)]
+    for col, kind in SCHEMA.items():
+        if kind == "float":
+            df[col] = pd.to_numeric(df[col], errors="raise").astype("float64")
+        elif kind == "int":
+            df[col] = pd.to_numeric(df[col], errors="raise").astype("int64")
+        else:
+            df[col] = df[col].astype("str")
+    return df
+
+
+def write_results(df: pd.DataFrame, path) -> Path:
+    """Write the results atomically (the previous file stays intact until the new one is complete)."""
+    from ..io import atomic_write_bytes
+
+    df = df[list(SCHEMA)]
+    return atomic_write_bytes(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Which runs make up a study, and how each is trained and evaluated.
+
+    ``lr_grid``: per method, the learning rates the search tries (the same
+    number of candidates for every method; one candidate means no search).
+    The search runs on ``lr_search_style`` / ``lr_search_seed`` and picks, per
+    method, the candidate with the best VLHI among that method's candidates.
+    """
+
+    name: str
+    methods: tuple[str, ...] = tuple(METHOD_LABELS)
+    styles: tuple[str, ...] = ("barbiecore", "cyberpunk", "elementfire", "expedition", "hornify")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 100
+    batch_size: int = 16
+    limit_per_digit: int = 8
+    fraction: float = 0.1  # SaRA's (and selective's) trained fraction; LoRA rank-matched to it
+    rank_lambda: float = 5e-4  # the authors' λ
+    lr_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    lr_search_style: str = "cyberpunk"
+    lr_search_seed: int = 0
+    sweep_fractions: tuple[float, ...] = ()
+    sweep_lambdas: tuple[float, ...] = ()
+    sweep_style: str = "cyberpunk"
+    sweep_seeds: tuple[int, ...] = (0,)
+    eval_per_digit: int = 6  # samples per digit for the style (seen and unseen digits)
+    eval_plain_per_digit: int = 4  # samples per digit for the plain prompts (retention)
+    eval_steps: int = 20  # DDIM steps
+    guidance_scale: float = 3.0
+    notes: str = ""  # for the report: what this grid leaves out and why (not part of any run's settings)
+
+    def __post_init__(self):
+        from ..world.text import STYLES
+
+        unknown = [m for m in self.methods if m not in METHOD_LABELS]
+        if unknown or not self.methods:
+            raise ConfigError(f"unknown method(s) {unknown}; choose from {list(METHOD_LABELS)}")
+        bad = [s for s in (*self.styles, self.lr_search_style, self.sweep_style) if s not in STYLES]
+        if bad or not self.styles:
+            raise ConfigError(f"unknown style(s) {bad}; choose from {list(STYLES)}")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in (*self.seeds, *self.sweep_seeds)):
+            raise ConfigError(f"seeds must be non-negative integers, got {self.seeds} / {self.sweep_seeds}")
+        for name in ("steps", "batch_size", "limit_per_digit", "eval_per_digit", "eval_plain_per_digit",
+                     "eval_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.eval_per_digit * 3 < 2:  # FID on the 3 unseen digits needs 2 images
+            raise ConfigError("eval_per_digit must be >= 1")
+        if not 0 < self.fraction < 1 or any(not 0 < f < 1 for f in self.sweep_fractions):
+            raise ConfigError("fractions must lie strictly between 0 and 1")
+        if self.rank_lambda < 0 or any(v < 0 for v in self.sweep_lambdas):
+            raise ConfigError("rank_lambda values must be >= 0")
+        grid = dict(self.lr_grid)
+        for m in self.methods:
+            if not grid.get(m) or any(not lr > 0 for lr in grid[m]):
+                raise ConfigError(f"lr_grid needs positive learning rates for {m!r}")
+        sizes = {len(grid[m]) for m in self.methods}
+        if len(sizes) > 1:
+            raise ConfigError(f"every method must get the same number of learning-rate candidates, got {sizes}")
+        if (self.sweep_fractions or self.sweep_lambdas) and "sara" not in self.methods:
+            raise ConfigError("the sensitivity sweeps vary SaRA: include 'sara' in methods")
+
+    @property
+    def lrs(self) -> dict[str, tuple[float, ...]]:
+        return dict(self.lr_grid)
+
+    @property
+    def method_lambda(self) -> dict[str, float]:
+        return {m: (self.rank_lambda if m in NUCLEAR_METHODS else 0.0 if m == "sara_no_nuclear" else math.nan)
+                for m in METHOD_LABELS}
+
+
+def _lr_grid(center: dict[str, float], factor: float = 3.0, n: int = 3) -> tuple:
+    """``n`` log-spaced candidates per method, ``factor`` apart, centred on the method's usual rate."""
+    offsets = [factor ** (i - (n - 1) / 2) for i in range(n)]
+    return tuple((m, tuple(float(f"{c * o:.3g}") for o in offsets)) for m, c in center.items())
+
+
+# Usual rates for a short run on the course model: LoRA's B starts at zero and SaRA's
+# trained entries are tiny, so both take larger steps than full fine-tuning.
+_LR_CENTERS = {"sara": 3e-3, "sara_no_nuclear": 3e-3, "sara_no_progressive": 3e-3, "selective": 3e-3,
+               "lora_r4": 3e-3, "lora_matched": 3e-3, "full": 3e-4}
+
+
+#: The study committed in reports/. Sized to run in about 40 minutes on a busy 2-core CPU
+#: (two worker processes): short runs and small evaluations, all seeds and methods kept.
+FULL = StudyConfig(
+    name="full", steps=60, batch_size=16, limit_per_digit=8,
+    lr_grid=_lr_grid(_LR_CENTERS),
+    sweep_fractions=(0.02, 0.05, 0.1, 0.2, 0.4), sweep_lambdas=(0.0, 5e-5, 5e-4, 5e-3, 5e-2),
+    eval_per_digit=4, eval_plain_per_digit=2, eval_steps=10,
+    notes=("**What was cut to fit the budget** (about 40 minutes of a busy 2-core CPU for the whole grid): "
+           "every method, style and seed of the issue is here, but each run is short: 60 training steps "
+           "(the paper trains for thousands) on 56 images per style; the style metrics use 4 samples per "
+           "digit (28 images for digits 0-6, 12 for the unseen 7-9), the plain-prompt metrics 2 per digit "
+           "(20 images), all with 10 DDIM steps (the course's default is 25); the learning-rate search runs "
+           "on one style and one seed; the sensitivity sweeps on one style with one seed, so they show "
+           "trends, not error bars. FIDs from so few samples are biased upwards (see the floor below) and "
+           "noisy: compare numbers within a column, and trust only differences larger than the spread. "
+           "The runs went three at a time (three 1-thread worker processes) while other jobs shared the "
+           "CPU, so the step times are for comparison between methods only."))
+
+
+#: CI's reduced grid: two methods, one style, one seed, a few steps, tiny evaluation, no search.
+QUICK = StudyConfig(
+    name="quick", methods=("sara", "lora_r4"), styles=("cyberpunk",), seeds=(0,), steps=6, batch_size=8,
+    limit_per_digit=4, lr_grid=(("sara", (3e-3,)), ("lora_r4", (3e-3,))), eval_per_digit=2,
+    eval_plain_per_digit=1, eval_steps=4,
+    notes="The QUICK grid checks that the machinery works end to end; its numbers mean nothing.")
+
+
+#: The named studies (``StudyConfig.name`` -> config), e.g. for the report's notes.
+CONFIGS = {c.name: c for c in (FULL, QUICK)}

@@ -1,0 +1,503 @@
+"""The study: does the paper's comparison hold on the course model?
+
+One command trains every method of the paper's Table 1 (and SaRA's ablations)
+on each of the five styles with several seeds, evaluates each fine-tuned model
+the same way, and appends one row per run to a CSV::
+
+    python -m sara_edu.study run            # the full study (resumable), -> reports/study_results.csv
+    python -m sara_edu.study run --quick    # a reduced grid for CI, a minute or two
+    python -m sara_edu.study report         # tables + figures -> reports/study.md
+
+What one *run* is (:func:`run_one`): a fresh copy of the pretrained model,
+``steps`` training steps of one method on one style (digits 0-6, a few images
+per digit, like the paper's style sets of tens of images), then
+
+* **style** (the paper's FID and CLIP score): samples of ``"a digit k, <style>
+  style"`` for the fine-tuning digits, scored with :func:`~sara_edu.world.metrics.fid_analogue`
+  and :func:`~sara_edu.world.metrics.prompt_agreement` (VLHI is computed by the report,
+  across the methods of one style and seed, as in the paper);
+* **generalisation**: the same for the digits left out of fine-tuning (7-9);
+* **retention**: plain prompts ``"a digit k"`` after fine-tuning, scored the same
+  way and compared, sample by sample (same noise), with the pretrained model's;
+* **cost**: trainable numbers, peak memory above the frozen weights (counted
+  exactly by :class:`~sara_edu.measure.memory.MemoryTracker` over the first steps), the
+  median step time and the size of the file the method saves.
+
+The grid (:class:`StudyConfig`): a small learning-rate search (the same number
+of candidates for every method, on one style and seed, picked by VLHI among the
+candidates), then every method x style x seed at its chosen rate, then SaRA's
+sensitivity sweeps over the trained fraction (θ) and the nuclear-norm weight λ.
+
+Resuming: every run has an id derived from its settings; rows already in the
+CSV are never recomputed, so an interrupted study continues where it stopped.
+The CSV is rewritten atomically after every run (:func:`sara_edu.io.atomic_write_bytes`),
+so an interruption never leaves it half-written. Runs that diverge (the loss
+becomes NaN at a too-large learning rate) are recorded with ``status="diverged"``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..errors import ConfigError, DataError
+from .config import (
+    FULL,
+    METHOD_LABELS,
+    PRETRAINED,
+    SCHEMA,
+    SELECTION_METHODS,
+    TRACKED_STEPS,
+    StudyConfig,
+    read_results,
+    write_results,
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid: a method (or the pretrained reference) on one style and seed."""
+
+    method: str
+    style: str
+    seed: int
+    lr: float = math.nan
+    fraction: float = math.nan
+    rank_lambda: float = math.nan
+
+    def key(self, config: StudyConfig) -> dict:
+        """Everything that determines the run's result (not the phase that asked for it)."""
+        def num(x):
+            return None if isinstance(x, float) and math.isnan(x) else float(f"{x:.6g}")
+
+        training = {} if self.method == PRETRAINED else {
+            "lr": num(self.lr), "fraction": num(self.fraction), "rank_lambda": num(self.rank_lambda),
+            "steps": config.steps, "batch_size": config.batch_size, "limit_per_digit": config.limit_per_digit}
+        return {"method": self.method, "style": self.style, "seed": self.seed, **training,
+                "eval": [config.eval_per_digit, config.eval_plain_per_digit, config.eval_steps,
+                         num(config.guidance_scale)]}
+
+    def run_id(self, config: StudyConfig) -> str:
+        blob = json.dumps(self.key(config), sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def method_spec(config: StudyConfig, method: str, style: str, seed: int, lr: float, *,
+                fraction: float | None = None, rank_lambda: float | None = None) -> RunSpec:
+    """The spec of ``method`` with the study's defaults for the settings that apply to it."""
+    frac = (config.fraction if fraction is None else fraction) if method in SELECTION_METHODS else math.nan
+    lam = config.method_lambda[method] if rank_lambda is None else rank_lambda
+    if method == "sara" and lam == 0:  # SaRA with λ = 0 *is* the no-nuclear ablation: one run, not two
+        method = "sara_no_nuclear"
+    return RunSpec(method, style, seed, float(lr), float(frac), float(lam))
+
+
+def pretrained_specs(config: StudyConfig) -> list[RunSpec]:
+    pairs = {(s, seed) for s in config.styles for seed in config.seeds}
+    pairs |= {(config.sweep_style, seed) for seed in config.sweep_seeds if config.sweep_fractions or
+              config.sweep_lambdas}
+    pairs |= {(config.lr_search_style, config.lr_search_seed)} if _has_search(config) else set()
+    return [RunSpec(PRETRAINED, s, seed) for s, seed in sorted(pairs)]
+
+
+def _has_search(config: StudyConfig) -> bool:
+    return any(len(lrs) > 1 for lrs in config.lrs.values())
+
+
+def lr_search_specs(config: StudyConfig) -> list[RunSpec]:
+    if not _has_search(config):
+        return []
+    return [method_spec(config, m, config.lr_search_style, config.lr_search_seed, lr)
+            for m in config.methods for lr in config.lrs[m]]
+
+
+def choose_lrs(config: StudyConfig, results: pd.DataFrame) -> dict[str, float]:
+    """Per method, the candidate learning rate with the best VLHI among that method's candidates.
+
+    VLHI (:func:`sara_edu.world.metrics.vlhi`) balances style fit (FID) and prompt
+    agreement, the paper's headline number; diverged candidates are out. Ties go
+    to the smaller rate. Raises :class:`DataError` when a candidate has no row yet.
+    """
+    from ..world.metrics import vlhi
+
+    chosen = {}
+    by_id = results.set_index("run_id") if len(results) else None
+    for m in config.methods:
+        lrs = sorted(config.lrs[m])
+        if len(lrs) == 1:
+            chosen[m] = lrs[0]
+            continue
+        rows = []
+        for lr in lrs:
+            rid = method_spec(config, m, config.lr_search_style, config.lr_search_seed, lr).run_id(config)
+            if by_id is None or rid not in by_id.index:
+                raise DataError(f"the learning-rate search has no result yet for {m} at lr={lr}: run the study")
+            row = by_id.loc[rid]
+            if row["status"] == "ok" and math.isfinite(row["fid"]) and math.isfinite(row["agreement"]):
+                rows.append((lr, row["fid"], row["agreement"]))
+        if not rows:
+            chosen[m] = lrs[0]  # every candidate diverged: the smallest is the least bad
+            continue
+        scores = vlhi([r[1] for r in rows], [r[2] for r in rows]) if len(rows) > 1 else [1.0]
+        best = max(range(len(rows)), key=lambda i: (round(float(scores[i]), 9), -rows[i][0]))
+        chosen[m] = rows[best][0]
+    return chosen
+
+
+def main_specs(config: StudyConfig, lrs: dict[str, float]) -> list[RunSpec]:
+    return [method_spec(config, m, style, seed, lrs[m])
+            for seed in config.seeds for style in config.styles for m in config.methods]
+
+
+def sweep_specs(config: StudyConfig, lrs: dict[str, float]) -> dict[str, list[RunSpec]]:
+    """SaRA's sensitivity: trained fraction (θ) and nuclear-norm weight λ, on one style."""
+    out = {"sweep_fraction": [], "sweep_lambda": []}
+    for seed in config.sweep_seeds:
+        for f in config.sweep_fractions:
+            out["sweep_fraction"].append(method_spec(config, "sara", config.sweep_style, seed, lrs["sara"],
+                                                     fraction=f))
+        for lam in config.sweep_lambdas:
+            out["sweep_lambda"].append(method_spec(config, "sara", config.sweep_style, seed, lrs["sara"],
+                                                   rank_lambda=lam))
+    return out
+
+
+_CACHE: dict = {}  # per process: base model, datasets, real images, pretrained plain samples
+
+
+def _base_pipe(model):
+    """The pretrained model (loaded once per process); ``model`` is a folder or None for the shipped one."""
+    from ..world.model import load_pretrained
+
+    key = ("pipe", str(model))
+    if key not in _CACHE:
+        _CACHE[key] = load_pretrained(model)
+    return _CACHE[key]
+
+
+def _cached(key, make: Callable):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+class _Recorded:
+    """A training method that remembers what it trains right after it is attached.
+
+    SaRA's progressive adjustment freezes part of its entries at half-time, so
+    the count afterwards would understate what was trained.
+    """
+
+    def __init__(self, method):
+        self.method, self.name = method, method.name
+        self.trainable = 0
+
+    def build_optimizer(self, unet, **kwargs):
+        optimizer = self.method.build_optimizer(unet, **kwargs)
+        self.trainable = int(self.method.trainable_parameters(unet))
+        return optimizer
+
+    def trainable_parameters(self, unet):
+        return self.method.trainable_parameters(unet)
+
+
+def make_method(spec: RunSpec, base_unet, config: StudyConfig):
+    """The :class:`~sara_edu.training.TrainingMethod` for ``spec`` (fresh, unattached)."""
+    from ..sara.selection import select_parameters
+    from ..training.lora import LoRA, lora_rank_matching
+    from ..training.method import FullFineTuning
+    from ..training.sara import SaRA
+    from ..training.selective import SelectiveFineTuning
+
+    m = spec.method
+    if m in ("sara", "sara_no_nuclear", "sara_no_progressive"):
+        return SaRA(fraction=spec.fraction, rank_lambda=spec.rank_lambda, seed=spec.seed,
+                    progressive_iter=None if m == "sara_no_progressive" else "half")
+    if m == "selective":
+        return SelectiveFineTuning(fraction=spec.fraction)
+    if m == "lora_r4":
+        return LoRA(rank=4)
+    if m == "lora_matched":
+        def match():
+            n = select_parameters(base_unet, fraction=spec.fraction).total_selected
+            return lora_rank_matching(base_unet, n)
+
+        found = _cached(("lora_match", spec.fraction, id(base_unet)), match)
+        return LoRA(rank=found.rank, target_modules=found.target_modules, name=f"lora r={found.rank} (matched)")
+    if m == "full":
+        return FullFineTuning()
+    raise ConfigError(f"unknown method {m!r}; choose from {list(METHOD_LABELS)}")
+
+
+def _saved_file_bytes(method, unet) -> int:
+    """Size of what the method ships: sparse values, the LoRA adapter, or the whole state dict."""
+    from ..io import save_tensors
+    from ..training.lora import LoRA, save_lora
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "out.safetensors"
+        if isinstance(method, LoRA):
+            save_lora(unet, path)
+        elif hasattr(method, "save"):
+            method.save(path)
+        else:
+            save_tensors(unet.state_dict(), path)
+        return path.stat().st_size
+
+
+def _make_plain(method, unet) -> None:
+    """After training: a plain model (SaRA/selective detached, LoRA merged) for fast sampling."""
+    from ..training.lora import LoRA, merge_lora
+
+    if isinstance(method, LoRA):
+        merge_lora(unet)
+    elif hasattr(method, "detach"):
+        method.detach()
+
+
+def _real(split, look, digits):
+    from ..world.data import load_digits_images
+
+    return _cached(("real", split, look, tuple(digits)), lambda: load_digits_images(split, look, digits))
+
+
+def _generate(pipe, digits, style, n, config: StudyConfig, seed: int):
+    from ..world.model import generate
+    from ..world.text import make_prompt
+
+    wanted = [d for d in digits for _ in range(n)]
+    images = generate(pipe, [make_prompt(d, style) for d in wanted], steps=config.eval_steps, seed=seed,
+                      guidance_scale=config.guidance_scale)
+    return images, wanted
+
+
+def evaluate_run(pipe, style: str, seed: int, config: StudyConfig, model=None) -> dict:
+    """Style (seen digits), generalisation (unseen digits) and retention (plain prompts) numbers."""
+    from ..world.classifier import load_classifier
+    from ..world.data import FINETUNE_DIGITS, UNSEEN_DIGITS
+    from ..world.metrics import fid_analogue, prompt_agreement
+
+    clf = load_classifier()
+    out = {}
+    for prefix, digits in (("", FINETUNE_DIGITS), ("unseen_", UNSEEN_DIGITS)):
+        fake, wanted = _generate(pipe, digits, style, config.eval_per_digit, config, seed)
+        real, _, _ = _real("heldout", style, digits)
+        scores = prompt_agreement(fake, wanted, style, clf)
+        out[f"{prefix}fid"] = fid_analogue(real, fake, clf)
+        for k in ("digit_acc", "look_acc", "agreement"):
+            out[f"{prefix}{k}"] = scores[k]
+        if prefix == "":  # what a perfect model would score: real training images, same count
+            train, labels, _ = _real("train", style, digits)
+            floor = torch.cat([train[labels == d][:config.eval_per_digit] for d in digits])
+            out["fid_floor"] = _cached(("floor", style, config.eval_per_digit),
+                                       lambda: fid_analogue(real, floor, clf))
+    plain_digits = tuple(range(10))
+    fake, wanted = _generate(pipe, plain_digits, None, config.eval_plain_per_digit, config, seed)
+    before = _cached(("plain_before", str(model), seed, config.eval_plain_per_digit, config.eval_steps,
+                      config.guidance_scale),
+                     lambda: _generate(_base_pipe(model), plain_digits, None, config.eval_plain_per_digit,
+                                       config, seed)[0])
+    real, _, _ = _real("heldout", "plain", plain_digits)
+    scores = prompt_agreement(fake, wanted, None, clf)
+    out.update(plain_fid=fid_analogue(real, fake, clf), plain_digit_acc=scores["digit_acc"],
+               plain_agreement=scores["agreement"],
+               plain_drift=float((fake - before).abs().mean()))  # same noise: 0 means unchanged samples
+    return out
+
+
+def run_one(spec: RunSpec, config: StudyConfig, model=None) -> dict:
+    """Train (unless ``spec`` is the pretrained reference) and evaluate one run; return its CSV row."""
+    from ..measure.memory import MB, MemoryTracker
+    from ..training.loop import train
+    from ..training.lora import LoRA
+    from ..world.data import StyleDataset
+
+    base = _base_pipe(model)
+    pipe = copy.deepcopy(base)
+    row = {"run_id": spec.run_id(config), "study": config.name, "method": spec.method, "style": spec.style,
+           "seed": spec.seed, "lr": spec.lr, "fraction": spec.fraction, "rank_lambda": spec.rank_lambda,
+           "steps": 0, "batch_size": 0, "limit_per_digit": 0, "eval_per_digit": config.eval_per_digit,
+           "eval_plain_per_digit": config.eval_plain_per_digit, "eval_steps": config.eval_steps,
+           "guidance_scale": config.guidance_scale, "status": "ok", "n_train_images": 0,
+           "trainable_params": 0, "theta": math.nan, "lora_rank": 0, "lora_targets": "",
+           "final_loss": math.nan, "peak_memory_mb": math.nan, "step_time_s": math.nan,
+           "train_time_s": 0.0, "file_size_bytes": 0, "threads": torch.get_num_threads(), "machine": machine()}
+    if spec.method != PRETRAINED:
+        method = make_method(spec, base.unet, config)
+        dataset = _cached(("data", spec.style, config.limit_per_digit),
+                          lambda: StyleDataset(spec.style, split="train", limit_per_digit=config.limit_per_digit))
+        recorded = _Recorded(method)
+        tracker = MemoryTracker(model=pipe.unet)
+
+        def stop_tracking(step, pipe, optimizer):  # count memory over the first steps only
+            if step == TRACKED_STEPS:
+                tracker.stop()
+
+        row.update(steps=config.steps, batch_size=config.batch_size, limit_per_digit=config.limit_per_digit,
+                   n_train_images=len(dataset))
+        start = time.perf_counter()
+        try:
+            with tracker:
+                history = train(pipe, dataset, tracker.watching(recorded), steps=config.steps, lr=spec.lr,
+                                batch_size=config.batch_size, seed=spec.seed, progress=False,
+                                callback=stop_tracking)
+        except FloatingPointError:  # a too-large learning rate: a result of the search, not a crash
+            row.update(status="diverged", train_time_s=time.perf_counter() - start,
+                       trainable_params=recorded.trainable, finished_utc=_now())
+            return {c: row.get(c, math.nan) for c in SCHEMA}
+        row["train_time_s"] = time.perf_counter() - start
+        report = tracker.report(pipe.unet)
+        selection = getattr(getattr(method, "optimizer", None), "selection", None)
+        timed = history.step_time_s.iloc[TRACKED_STEPS:] if len(history) > TRACKED_STEPS else history.step_time_s
+        row.update(trainable_params=recorded.trainable, peak_memory_mb=report.peak_above_frozen / MB,
+                   step_time_s=float(timed.median()), final_loss=float(history.loss.tail(10).mean()),
+                   file_size_bytes=_saved_file_bytes(method, pipe.unet),
+                   theta=max(selection.thresholds.values()) if selection is not None else math.nan,
+                   lora_rank=getattr(method, "rank", 0) if isinstance(method, LoRA) else 0,
+                   lora_targets=",".join(method.target_modules) if isinstance(method, LoRA) else "")
+        _make_plain(method, pipe.unet)
+    start = time.perf_counter()
+    row.update(evaluate_run(pipe, spec.style, spec.seed, config, model))
+    row.update(eval_time_s=time.perf_counter() - start, finished_utc=_now())
+    return {c: row.get(c, math.nan) for c in SCHEMA}
+
+
+def machine() -> str:
+    """One line naming the hardware a run used (the report states it)."""
+    import platform
+
+    device = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {device}, "
+            f"torch {torch.__version__}")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _worker_init(threads: int | None):
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _worker_run(spec, config, model):
+    return run_one(spec, config, model)
+
+
+class _Runner:
+    """Runs specs (in this process or a pool), skipping finished ones, saving the CSV after each run."""
+
+    def __init__(self, config, out, model, workers, threads, progress):
+        self.config, self.out, self.model = config, Path(out), model
+        self.workers, self.threads, self.progress = workers, threads, progress
+        self.results = read_results(self.out)
+        self.bar = None
+        self.pool = None
+
+    def _tag(self, run_id, phase) -> bool:
+        """Add ``phase`` to an existing row's phases; True if the run is already done."""
+        hit = self.results.index[self.results.run_id == run_id]
+        if len(hit) == 0:
+            return False
+        phases = str(self.results.at[hit[0], "phase"]).split("+")
+        if phase not in phases:
+            self.results.at[hit[0], "phase"] = "+".join(phases + [phase])
+            write_results(self.results, self.out)
+        return True
+
+    def _save(self, row, phase):
+        row = dict(row, phase=phase)
+        new = pd.DataFrame([row], columns=list(SCHEMA))
+        self.results = new if len(self.results) == 0 else pd.concat([self.results, new], ignore_index=True)
+        write_results(self.results, self.out)
+
+    def run(self, phased: list[tuple[str, RunSpec]]):
+        todo, seen = [], set()
+        for phase, spec in phased:
+            rid = spec.run_id(self.config)
+            if self._tag(rid, phase) or rid in seen:
+                continue
+            seen.add(rid)
+            todo.append((phase, spec))
+        if self.bar is not None:
+            self.bar.total += len(todo)
+            self.bar.refresh()
+        if not todo:
+            return
+        if self.workers <= 1:
+            for phase, spec in todo:
+                self._describe(spec)
+                self._save(run_one(spec, self.config, self.model), phase)
+                self._advance()
+            return
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        pending = {self.pool.submit(_worker_run, spec, self.config, self.model): (phase, spec)
+                   for phase, spec in todo}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                phase, spec = pending.pop(fut)
+                self._save(fut.result(), phase)  # an exception here stops the study; finished rows stay
+                self._describe(spec)
+                self._advance()
+
+    def _describe(self, spec):
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{spec.method} / {spec.style} / seed {spec.seed}", refresh=False)
+
+    def _advance(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def run_study(config: StudyConfig = FULL, out="reports/study_results.csv", model=None, workers: int = 1,
+              threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) every run of ``config``; return the results table (also in ``out``).
+
+    ``model``: folder of the pretrained model (default: the shipped one).
+    ``workers``: processes running runs side by side (each with ``threads``
+    torch threads); small models use two 1-thread processes on a 2-core CPU
+    better than one 2-thread process. Runs already in ``out`` are skipped.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    _base_pipe(model)  # fail early (and clearly) if the model is missing
+    runner = _Runner(config, out, model, workers, threads, progress)
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        runner.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                          initargs=(threads,))
+    elif threads:
+        torch.set_num_threads(threads)
+    runner.bar = tqdm(total=0, desc=f"study ({config.name})", unit="run", disable=not progress)
+    try:
+        runner.run([("pretrained", s) for s in pretrained_specs(config)] +
+                   [("lr_search", s) for s in lr_search_specs(config)])
+        lrs = choose_lrs(config, runner.results)
+        sweeps = [(phase, s) for phase, specs in sweep_specs(config, lrs).items() for s in specs]
+        main = main_specs(config, lrs)  # seed-major: an interrupted study has whole seeds
+        last = config.seeds[-1]
+        # the sweeps before the last seed, so a study cut short still has both the figure and 2+ seeds
+        runner.run([("main", s) for s in main if s.seed != last] + sweeps +
+                   [("main", s) for s in main if s.seed == last])
+    finally:
+        runner.bar.close()
+        if runner.pool is not None:
+            runner.pool.shutdown(wait=False, cancel_futures=True)
+    return runner.results

@@ -1,0 +1,171 @@
+"""Data: the scikit-learn digits as tiny RGB images, the style sets, and image folders.
+
+The base domain is the 1,797 handwritten digits that ship inside scikit-learn
+(8x8, 17 grey levels), upsampled to 16x16. The split is fixed: a stratified
+80/20 split with ``random_state=0`` (1,437 train, 360 held out), so every
+notebook, test and study sees the same images.
+
+A fine-tuning dataset yields ``{"pixel_values": (3, H, W) in [-1, 1], "prompt": str}``,
+the same dict a diffusers training example uses. ``ImageFolderDataset`` reads the
+paper's format (images + ``metadata.jsonl`` with ``file_name`` and ``text``), so a
+user can point the same code at their own style folder.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .styles import LOOKS, apply_style
+from .text import make_prompt
+
+IMAGE_SIZE = 16
+SPLIT_SEED = 0
+HELD_OUT_FRACTION = 0.2
+# Fine-tuning on a style uses these digits; the rest measure generalisation.
+FINETUNE_DIGITS = (0, 1, 2, 3, 4, 5, 6)
+UNSEEN_DIGITS = (7, 8, 9)
+
+
+@lru_cache(maxsize=None)
+def _digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    ink = torch.tensor(d.images, dtype=torch.float32) / 16.0
+    ink = F.interpolate(ink[:, None], size=IMAGE_SIZE, mode="bilinear", align_corners=False)[:, 0]
+    labels = torch.tensor(d.target)
+    idx = np.arange(len(labels))
+    train, held = train_test_split(idx, test_size=HELD_OUT_FRACTION, stratify=d.target, random_state=SPLIT_SEED)
+    return ink.clamp(0, 1), labels, torch.tensor(np.sort(train)), torch.tensor(np.sort(held))
+
+
+def load_digits_ink(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ink maps (N, 16, 16) in [0, 1] and labels (N,) for ``split`` in {"train", "heldout", "all"}."""
+    ink, labels, train, held = _digits()
+    if split == "all":
+        return ink, labels
+    if split not in ("train", "heldout"):
+        raise DataError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    idx = train if split == "train" else held
+    return ink[idx], labels[idx]
+
+
+def load_digits_images(split: str = "train", style: str | None = None, digits=None, seed: int = 0):
+    """Images (N, 3, 16, 16) in [-1, 1], labels and prompts for one look."""
+    ink, labels = load_digits_ink(split)
+    if digits is not None:
+        keep = torch.isin(labels, torch.tensor(list(digits)))
+        ink, labels = ink[keep], labels[keep]
+    if len(labels) == 0:
+        raise DataError(f"no images for split={split!r}, digits={digits}")
+    images = apply_style(ink, style, seed=seed)
+    prompts = [make_prompt(int(k), style) for k in labels]
+    return images, labels, prompts
+
+
+class TensorImageDataset(Dataset):
+    """Images + prompts held in memory, in the diffusers training-example format."""
+
+    def __init__(self, images: torch.Tensor, prompts: list[str], labels: torch.Tensor | None = None):
+        if len(images) == 0:
+            raise DataError("the dataset is empty")
+        if len(images) != len(prompts):
+            raise DataError(f"{len(images)} images but {len(prompts)} prompts")
+        self.images, self.prompts, self.labels = images, list(prompts), labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "prompt": self.prompts[i]}
+
+
+class StyleDataset(TensorImageDataset):
+    """One of the paper's five styles (or ``"plain"``) rendered on the digits.
+
+    By default only :data:`FINETUNE_DIGITS` are used, so digits 7-9 stay unseen in
+    the style and can measure generalisation. ``limit`` keeps the first images of
+    each digit, like the paper's small (tens of images) style sets.
+    """
+
+    def __init__(self, style: str | None, split: str = "train", digits=FINETUNE_DIGITS,
+                 limit_per_digit: int | None = None, seed: int = 0):
+        images, labels, prompts = load_digits_images(split, style, digits, seed)
+        if limit_per_digit is not None:
+            keep = torch.cat([torch.nonzero(labels == k)[:limit_per_digit, 0] for k in labels.unique()])
+            keep = keep.sort().values
+            images, labels, prompts = images[keep], labels[keep], [prompts[i] for i in keep]
+        super().__init__(images, prompts, labels)
+        self.style = style or "plain"
+
+
+class ImageFolderDataset(TensorImageDataset):
+    """A folder in the paper's format: image files + ``metadata.jsonl``.
+
+    Each line of ``metadata.jsonl`` is ``{"file_name": "0001.png", "text": "a prompt"}``
+    (the Hugging Face ``imagefolder`` convention the authors' datasets use).
+    Images are resized to ``size`` and scaled to [-1, 1].
+    """
+
+    def __init__(self, folder, size: int = IMAGE_SIZE, caption_column: str = "text"):
+        from PIL import Image, UnidentifiedImageError
+
+        folder = Path(folder)
+        meta = folder / "metadata.jsonl"
+        if not folder.is_dir():
+            raise DataError(f"image folder {folder} does not exist")
+        if not meta.exists():
+            raise DataError(f"{folder} has no metadata.jsonl; add one line per image: "
+                            '{"file_name": "0001.png", "text": "your caption"}')
+        rows = []
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append((row["file_name"], row[caption_column]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{meta}:{n} is not a JSON object with 'file_name' and "
+                                f"'{caption_column}': {line[:80]!r}") from e
+        if not rows:
+            raise DataError(f"{meta} lists no images; the folder is empty")
+        images = []
+        for name, _ in rows:
+            path = folder / name
+            try:
+                img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+            except FileNotFoundError as e:
+                raise DataError(f"{meta} names {name}, which is not in {folder}") from e
+            except UnidentifiedImageError as e:
+                raise DataError(f"{path} is not an image file PIL can read") from e
+            images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
+        super().__init__(torch.stack(images), [t for _, t in rows])
+
+
+def export_image_folder(dataset: TensorImageDataset, folder) -> Path:
+    """Write a dataset as PNGs + ``metadata.jsonl`` (the paper's format)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        arr = ((item["pixel_values"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        name = f"{i:05d}.png"
+        Image.fromarray(arr).save(folder / name)
+        lines.append(json.dumps({"file_name": name, "text": item["prompt"]}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+__all__ = ["LOOKS", "IMAGE_SIZE", "FINETUNE_DIGITS", "UNSEEN_DIGITS", "load_digits_ink", "load_digits_images",
+           "TensorImageDataset", "StyleDataset", "ImageFolderDataset", "export_image_folder"]

@@ -1,0 +1,1 @@
+"""Recipes that regenerate the shipped files in ``data/`` (``make data``)."""

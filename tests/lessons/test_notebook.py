@@ -1,0 +1,127 @@
+import matplotlib
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from sara_edu.errors import ConfigError
+from sara_edu.lessons import display, notebook, welcome
+
+
+@pytest.mark.parametrize("value, quick", [("1", True), ("true", True), ("YES", True), ("0", False), ("", False),
+                                          ("no", False)])
+def test_choose_follows_the_environment(monkeypatch, value, quick):
+    monkeypatch.setenv("SARA_EDU_QUICK", value)
+    assert notebook.is_quick() is quick
+    assert notebook.choose(quick=5, full=25) == (5 if quick else 25)
+    assert notebook.setting_banner(steps=5).startswith("QUICK" if quick else "FULL")
+    assert "steps=5" in notebook.setting_banner(steps=5)
+
+
+def test_choose_is_keyword_only():
+    with pytest.raises(TypeError):
+        notebook.choose(5, 25)
+
+
+def test_environment_report_names_what_matters():
+    report = notebook.environment_report()
+    for key in ("device", "gpu", "torch", "diffusers", "peft", "shipped model folder", "shipped model present",
+                "QUICK setting", "python executable"):
+        assert key in report.index
+    assert report["torch"] == torch.__version__
+    assert report["device"] in ("cpu", "cuda", "mps")
+    assert (report["gpu"] == "none") == (not torch.cuda.is_available())
+
+
+def test_to_display_maps_minus_one_one_to_zero_one():
+    images = torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2).repeat(2, 3, 1, 1)
+    out = display.to_display(images)
+    assert out.shape == (2, 2, 2, 3)
+    assert np.allclose(out[0, :, :, 0], [[0.0, 0.5], [1.0, 1.0]])  # clipped above 1
+    with pytest.raises(ConfigError):
+        display.to_display(torch.zeros(2, 5, 4, 4))
+
+
+def test_show_images_grid():
+    images = torch.rand(7, 3, 16, 16) * 2 - 1
+    fig = display.show_images(images, titles=list("abcdefg"), nrow=4, suptitle="demo", row_labels=["r1", "r2"])
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 8 and len(drawn) == 7
+    assert drawn[2].get_title() == "c" and fig.axes[4].get_ylabel() == "r2"
+    assert np.allclose(drawn[0].images[0].get_array(), display.to_display(images[:1])[0])
+    with pytest.raises(ConfigError):
+        display.show_images(images, titles=["too few"])
+    with pytest.raises(ConfigError):
+        display.show_images(images[:0])
+
+
+def test_seed_everything_makes_runs_repeat():
+    notebook.seed_everything(3)
+    a = (torch.rand(3), np.random.rand(3))
+    notebook.seed_everything(3)
+    b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert torch.equal(torch.rand(2, generator=notebook.torch_generator(1)), torch.rand(2, generator=notebook.torch_generator(1)))
+    with pytest.raises(ConfigError):
+        notebook.seed_everything(-1)
+
+
+def test_timed_measures(capsys):
+    with notebook.timed("nap") as t:
+        pass
+    assert t.seconds >= 0 and "nap:" in capsys.readouterr().out
+
+
+def test_sara_overview_figure_has_four_labelled_panels(tiny_pipe):
+    fig = welcome.sara_overview_figure()
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 4 and all(ax.get_title() for ax in panels)
+    weight = tiny_pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q.weight
+    fig = welcome.sara_overview_figure(weight, fraction=0.2, size=10)
+    mask = panels_mask = [ax for ax in fig.axes if ax.images][1].images[0].get_array()
+    assert mask.shape == (10, 10) and int(np.asarray(panels_mask).sum()) == 20  # exactly the smallest 20%
+    with pytest.raises(ConfigError):
+        welcome.sara_overview_figure(torch.zeros(4, 4), size=12)
+
+
+def test_strip_notebook_outputs(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print(1)")
+    cell.outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    cell.execution_count = 4
+    nb.cells = [nbformat.v4.new_markdown_cell("# hi"), cell]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    assert notebook.strip_notebook_outputs([path]) == [path]
+    back = nbformat.read(path, as_version=4)
+    assert back.cells[1].outputs == [] and back.cells[1].execution_count is None
+    assert notebook.strip_notebook_outputs([path]) == []  # already clean: untouched
+
+
+def test_sample_figure_one_column_per_digit(tiny_pipe):
+    fig = display.sample_figure(tiny_pipe, digits=(1, 7), n_per_digit=2, steps=2, seed=3)
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 4 and drawn[1].get_title() == "'7'" and "seeds 3...6" in fig.get_suptitle()
+    from sara_edu.world.model import generate
+
+    expected = generate(tiny_pipe, ["a digit 1", "a digit 7", "a digit 1", "a digit 7"], steps=2, seed=3)
+    assert np.allclose(drawn[3].images[0].get_array(), display.to_display(expected[3:])[0])
+    with pytest.raises(ConfigError):
+        display.sample_figure(tiny_pipe, digits=())
+
+
+def test_setup_notebook_seeds_sets_display_and_names_the_setting(monkeypatch, capsys):
+    import pandas as pd
+
+    monkeypatch.setenv("SARA_EDU_QUICK", "1")
+    with matplotlib.rc_context():
+        try:
+            assert notebook.setup_notebook(seed=5, steps=10) is None
+            a = torch.rand(2)
+            assert pd.get_option("display.float_format")(0.000123456) == "0.0001235"
+        finally:
+            pd.reset_option("display.float_format")
+    notebook.seed_everything(5)
+    assert torch.equal(a, torch.rand(2))
+    out = capsys.readouterr().out
+    assert out.startswith("QUICK") and "steps=10" in out

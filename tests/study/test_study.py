@@ -1,0 +1,232 @@
+"""The study runner (grid, CSV, resume) and its report.
+
+The QUICK grid runs end to end on a tiny randomly initialised course model
+(saved to a temporary folder, so the test does not depend on the shipped
+weights); the report is checked on a synthetic CSV whose numbers we know.
+"""
+import dataclasses
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sara_edu.errors import ConfigError, DataError
+from sara_edu.study import run as study
+from sara_edu.study.__main__ import main as study_main
+from sara_edu.study.config import (
+    PRETRAINED,
+    QUICK,
+    SCHEMA,
+    StudyConfig,
+    read_results,
+    write_results,
+)
+from sara_edu.study.report import main_rows, write_report
+
+EXPECTED_RUNS = 1 + len(QUICK.methods)  # the pretrained reference + one run per method
+_REAL_RUN_ONE = study.run_one
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from sara_edu.world.model import TinyDiffusion, build_unet, save_pretrained
+    from sara_edu.world.text import TinyTextEncoder
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    save_pretrained(TinyDiffusion(build_unet(seed=0), TinyTextEncoder(seed=0)), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def quick_csv(model_dir, tmp_path_factory):
+    """The QUICK study, run once through the command line."""
+    out = tmp_path_factory.mktemp("quick") / "results.csv"
+    study_main(["run", "--quick", "--out", str(out), "--model", model_dir, "--no-progress"])
+    return out
+
+
+def _count_runs(monkeypatch, fail_on=None):
+    """Count run_one calls (optionally raising on the ``fail_on``-th one, like a crash mid-grid)."""
+    calls = []
+    real = _REAL_RUN_ONE  # not study.run_one: that may be an earlier wrapper
+
+    def counting(spec, config, model=None):
+        calls.append(spec)
+        if fail_on is not None and len(calls) == fail_on:
+            raise RuntimeError("simulated crash")
+        return real(spec, config, model)
+
+    monkeypatch.setattr(study, "run_one", counting)
+    return calls
+
+
+def test_quick_study_writes_the_documented_schema(quick_csv, model_dir):
+    df = pd.read_csv(quick_csv)
+    assert list(df.columns) == list(SCHEMA)
+    typed = read_results(quick_csv)
+    checks = {"str": pd.api.types.is_string_dtype, "int": pd.api.types.is_integer_dtype,
+              "float": pd.api.types.is_float_dtype}
+    for col, kind in SCHEMA.items():
+        assert checks[kind](typed[col]), (col, typed[col].dtype)
+    assert len(typed) == EXPECTED_RUNS
+    assert typed.run_id.is_unique
+    assert sorted(typed.method) == sorted([PRETRAINED, *QUICK.methods])
+    assert set(typed.status) == {"ok"}
+    trained = typed[typed.method != PRETRAINED].set_index("method")
+    # independent references: SaRA trains 10% of the UNet's numbers, LoRA r=4 on the attention
+    # projections r * (in + out) per layer, counted from the model's own layers
+    from sara_edu.world.model import load_pretrained
+
+    unet = load_pretrained(model_dir).unet
+    total = sum(p.numel() for p in unet.parameters())
+    assert abs(trained.at["sara", "trainable_params"] - 0.1 * total) <= 0.01 * total
+    lora = sum(4 * (m.in_features + m.out_features) for n, m in unet.named_modules()
+               if n.endswith(("to_q", "to_k", "to_v", "to_out.0")))
+    assert trained.at["lora_r4", "trainable_params"] == lora
+    assert (trained.peak_memory_mb > 0).all() and (trained.file_size_bytes > 0).all()
+    assert (trained.steps == QUICK.steps).all() and (trained.step_time_s > 0).all()
+    # SaRA's file holds ~10% of the values plus their positions: far less than the full model
+    assert trained.at["sara", "file_size_bytes"] < 0.5 * 4 * total
+    for prefix in ("", "unseen_", "plain_"):
+        assert typed[f"{prefix}fid"].ge(0).all()
+        assert typed[f"{prefix}agreement"].between(0, 1).all()
+    # the pretrained reference's plain samples are the reference: no change
+    assert typed.loc[typed.method == PRETRAINED, "plain_drift"].item() == 0
+    assert (trained.plain_drift > 0).all()
+
+
+def test_second_invocation_skips_finished_runs(quick_csv, model_dir, monkeypatch, tmp_path):
+    out = tmp_path / "again.csv"
+    shutil.copy(quick_csv, out)
+    before = out.read_bytes()
+    calls = _count_runs(monkeypatch)
+    study.run_study(QUICK, out, model=model_dir, progress=False)
+    assert calls == []
+    assert out.read_bytes() == before
+
+
+def test_interrupted_study_keeps_finished_rows_and_resumes(model_dir, monkeypatch, tmp_path):
+    out = tmp_path / "interrupted.csv"
+    calls = _count_runs(monkeypatch, fail_on=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        study.run_study(QUICK, out, model=model_dir, progress=False)
+    first = read_results(out)  # valid, with the one finished run
+    assert len(first) == 1 and first.status.item() == "ok"
+    calls = _count_runs(monkeypatch)  # no more crashes
+    done = study.run_study(QUICK, out, model=model_dir, progress=False)
+    assert len(calls) == EXPECTED_RUNS - 1  # only what was missing
+    assert first.run_id.item() not in {s.run_id(QUICK) for s in calls}
+    assert len(done) == EXPECTED_RUNS and read_results(out).run_id.is_unique
+    pd.testing.assert_series_equal(read_results(out).iloc[0], first.iloc[0], check_names=False)
+
+
+def test_quick_report_renders(quick_csv, tmp_path):
+    path = write_report(quick_csv, tmp_path / "quick.md")
+    text = path.read_text()
+    assert "| method | cyberpunk<br>FID↓ | cyberpunk<br>Agr↑ | cyberpunk<br>VLHI↑ | mean<br>FID↓" in text
+    assert (tmp_path / "study_table1.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- report on known numbers
+
+
+def _synthetic(tmp_path):
+    """Three methods x two styles x two seeds, with FID/agreement chosen so VLHI is known."""
+    base = {c: (0 if k == "int" else math.nan if k == "float" else "") for c, k in SCHEMA.items()}
+    rows = []
+    fids = {"sara": 1.0, "lora_r4": 2.0, "full": 3.0}
+    agree = {"sara": 0.5, "lora_r4": 0.9, "full": 0.1}
+    for style in ("barbiecore", "hornify"):
+        for seed in (0, 1):
+            rows.append({**base, "run_id": f"p{style}{seed}", "study": "t", "phase": "pretrained",
+                         "method": PRETRAINED, "style": style, "seed": seed, "status": "ok", "fid": 9.0,
+                         "agreement": 0.0, "plain_agreement": 1.0, "machine": "test box",
+                         "finished_utc": "2026-01-01T00:00:00Z", "eval_time_s": 1.0})
+            for m in fids:
+                shift = 0.5 * seed + (1 if style == "hornify" else 0)
+                rows.append({**base, "run_id": f"{m}{style}{seed}", "study": "t", "phase": "main", "method": m,
+                             "style": style, "seed": seed, "lr": 1e-3, "steps": 10, "batch_size": 4,
+                             "limit_per_digit": 2, "n_train_images": 14, "status": "ok",
+                             "fid": fids[m] + shift, "agreement": agree[m], "plain_agreement": 0.8,
+                             "unseen_agreement": 0.2, "trainable_params": {"full": 1000}.get(m, 100),
+                             "peak_memory_mb": 5.0, "step_time_s": 0.1, "file_size_bytes": 2048,
+                             "eval_per_digit": 2, "eval_plain_per_digit": 1, "eval_steps": 4,
+                             "guidance_scale": 3.0, "machine": "test box", "train_time_s": 2.0,
+                             "eval_time_s": 1.0, "finished_utc": f"2026-01-01T00:0{seed + 1}:00Z"})
+    rows.append({**rows[-1], "run_id": "diverged", "status": "diverged", "fid": math.nan, "seed": 5})
+    path = tmp_path / "synthetic.csv"
+    write_results(pd.DataFrame(rows, columns=list(SCHEMA)), path)
+    return path
+
+
+def test_report_has_the_table1_layout_with_known_numbers(tmp_path):
+    csv = _synthetic(tmp_path)
+    rows = main_rows(read_results(csv))
+    # VLHI by hand: fid 1,2,3 -> (3-f)/2 = 1, .5, 0; agreement .5,.9,.1 -> (a-.1)/.8 = .5, 1, 0
+    expected = {"sara": 1.5, "lora_r4": 1.5, "full": 0.0}
+    for m, v in expected.items():
+        assert np.allclose(rows.loc[rows.method == m, "vlhi"], v)
+    text = write_report(csv, tmp_path / "report" / "study.md").read_text()
+    lines = text.splitlines()
+    header = next(l for l in lines if l.startswith("| method | barbiecore"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells == ["method"] + [f"{s}<br>{m}" for s in ("barbiecore", "hornify", "mean")
+                                  for m in ("FID↓", "Agr↑", "VLHI↑")]
+    body = lines[lines.index(header) + 2: lines.index(header) + 6]
+    assert [b.split("|")[1].strip() for b in body] == ["pretrained (no fine-tuning)", "SaRA", "LoRA r=4",
+                                                        "full fine-tuning"]
+    sara = [c.strip() for c in body[1].strip("|").split("|")]
+    # barbiecore FID over seeds 0, 1: 1.0 and 1.5 -> mean 1.25, std 0.35; best (lowest) -> bold
+    assert sara[1] == "**1.25 ± 0.35**"
+    # mean over styles per seed: (1+2)/2=1.5 and (1.5+2.5)/2=2 -> 1.75 ± 0.35
+    assert sara[7] == "**1.75 ± 0.35**"
+    assert sara[9] in ("**1.5 ± 0**", "**1.5 ± 0.0**")
+    full = [c.strip() for c in body[3].strip("|").split("|")]
+    assert full[2] == "0.1 ± 0"  # agreement, not bold (LoRA's 0.9 is best)
+    assert "Machine:** test box" in text
+    for name in ("study_table1.png", "study_tradeoff.png", "study_cost.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000
+
+
+def test_lr_choice_uses_vlhi_among_candidates_and_skips_diverged():
+    config = StudyConfig(name="t", methods=("sara", "full"), styles=("cyberpunk",), seeds=(0,),
+                               lr_grid=(("sara", (1e-3, 3e-3, 1e-2)), ("full", (1e-4, 3e-4, 1e-3))))
+    rows = []
+    numbers = {("sara", 1e-3): (5.0, 0.2, "ok"), ("sara", 3e-3): (3.0, 0.6, "ok"),
+               ("sara", 1e-2): (math.nan, math.nan, "diverged"),
+               ("full", 1e-4): (4.0, 0.9, "ok"), ("full", 3e-4): (2.0, 0.1, "ok"), ("full", 1e-3): (6.0, 0.5, "ok")}
+    for (m, lr), (fid, agr, status) in numbers.items():
+        spec = study.method_spec(config, m, config.lr_search_style, config.lr_search_seed, lr)
+        rows.append({"run_id": spec.run_id(config), "status": status, "fid": fid, "agreement": agr})
+    chosen = study.choose_lrs(config, pd.DataFrame(rows))
+    # sara: 3e-3 wins on both; full: 1e-4 -> (1/2 + 1) = 1.5, 3e-4 -> (1 + 0) = 1, 1e-3 -> (0 + .5) = .5
+    assert chosen == {"sara": 3e-3, "full": 1e-4}
+    with pytest.raises(DataError, match="no result yet"):
+        study.choose_lrs(config, pd.DataFrame(rows[:2]))
+
+
+def test_run_ids_follow_the_settings_not_the_phase():
+    a = study.method_spec(QUICK, "sara", "cyberpunk", 0, 3e-3)
+    assert a.run_id(QUICK) == study.method_spec(QUICK, "sara", "cyberpunk", 0, 3e-3).run_id(QUICK)
+    assert a.run_id(QUICK) != study.method_spec(QUICK, "sara", "cyberpunk", 1, 3e-3).run_id(QUICK)
+    assert a.run_id(QUICK) != a.run_id(dataclasses.replace(QUICK, steps=QUICK.steps + 1))
+    # SaRA with λ = 0 is the no-nuclear ablation: the sweep reuses that run
+    assert study.method_spec(QUICK, "sara", "cyberpunk", 0, 3e-3, rank_lambda=0.0) == \
+        study.method_spec(QUICK, "sara_no_nuclear", "cyberpunk", 0, 3e-3)
+
+
+def test_bad_configs_and_files_give_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="same number of learning-rate candidates"):
+        StudyConfig(name="x", methods=("sara", "full"), lr_grid=(("sara", (1e-3,)), ("full", (1e-4, 1e-3))))
+    with pytest.raises(ConfigError, match="unknown method"):
+        StudyConfig(name="x", methods=("dora",), lr_grid=(("dora", (1e-3,)),))
+    with pytest.raises(ConfigError, match="unknown style"):
+        StudyConfig(name="x", methods=("full",), styles=("sepia",), lr_grid=(("full", (1e-3,)),))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("run_id,method\nabc,sara\n")
+    with pytest.raises(DataError, match="lacks the study columns"):
+        read_results(bad)
+    with pytest.raises(DataError, match="no results yet"):
+        write_report(tmp_path / "missing.csv", tmp_path / "r.md")
