@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 import random
 import weakref
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -43,7 +44,10 @@ from .attach import (
     mark_attached,
     release_model,
 )
+from .compact_step import compact_adamw_step, current_values, placeholder, placeholder_data
+from .moments import check_moment_kind, convert_moments, moment_kind
 from .nuclear import nuclear_norm_grad
+from .positions import check_position_kind, encode_positions
 from .progressive import progressive_adjust
 from .selection import (
     Selection,
@@ -59,18 +63,32 @@ class _Slot:
 
     name: str
     param: nn.Parameter
-    idx: torch.Tensor  # sorted flat positions still training (int32 when possible)
-    values: torch.Tensor  # 1-D leaf tensor: the optimizer's param for this weight
+    positions: object  # sorted flat positions still training, encoded (sara.positions); decoded: .idx
+    values: torch.Tensor  # 1-D leaf tensor: the optimizer's param for this weight (a placeholder without copy)
     threshold: float
     initial: torch.Tensor | None  # base values at idx (for ΔW of the nuclear norm); None if not a 2-D weight
-    frozen: list = field(default_factory=list)  # positions that trained, then froze (progressive adjustment)
+    frozen: list = field(default_factory=list)  # encoded positions that trained, then froze (progressive)
     handle: object = None  # the grad hook's removable handle
+
+    @property
+    def idx(self) -> torch.Tensor:
+        """The positions still training (int32 when possible); with compact positions, decoded now."""
+        return self.positions.decode()
+
+    @idx.setter
+    def idx(self, idx: torch.Tensor) -> None:
+        self.positions = encode_positions(idx, self.positions.numel, self.positions.kind)
+
+    @property
+    def count(self) -> int:
+        """How many entries still train (without decoding the positions)."""
+        return self.positions.count
 
     def trained_positions(self) -> torch.Tensor:
         """Every position that ever trained (what a sparse file must store)."""
         if not self.frozen:
             return self.idx
-        return torch.cat([self.idx, *self.frozen]).sort().values
+        return torch.cat([self.idx, *(f.decode() for f in self.frozen)]).sort().values
 
 
 def _check_number(name, value, *, low=None, low_inclusive=True, allow_none=False, integer=False):
@@ -111,6 +129,25 @@ class SaRAAdamW(torch.optim.AdamW):
     Optimizer state at progressive adjustment: the moments (and step count) of
     the continuing entries are kept, those of frozen entries are dropped, so
     continuing entries see no discontinuity in their Adam statistics.
+
+    Persistent state per trained entry (the defaults are exact: 16 bytes, i.e. a
+    4-byte copy of the value, 8 bytes of fp32 moments, a 4-byte position; plus
+    4 bytes of starting value in 2-D weights while ``rank_lambda > 0``):
+
+    * ``value_copy=False``: no copy; each step gathers the values from the
+      weight, updates them and scatters them back (-4 bytes; same numbers).
+    * ``positions="delta"`` (~1 byte) or ``"bitmask"`` (1 bit per weight
+      entry): compact positions, decoded per layer when used
+      (:mod:`sara_edu.sara.positions`; same numbers).
+    * ``moments="bf16"`` (4 bytes) or ``"8bit"`` (~2 bytes): low-precision
+      moments with stochastic rounding (:mod:`sara_edu.sara.moments`; changes
+      the numbers slightly, see there).
+    * ``compact=True``: all three (``value_copy=False, positions="delta",
+      moments="bf16"``) unless given explicitly: ~5 bytes per entry.
+
+    Any of them except ``positions`` alone runs AdamW written out
+    (:mod:`sara_edu.sara.compact_step`) instead of stock ``torch.optim.AdamW``.
+    :func:`~sara_edu.sara.footprint.state_bytes` counts the bytes actually kept.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, threshold: float | None = None,
@@ -119,7 +156,8 @@ class SaRAAdamW(torch.optim.AdamW):
                  layer_types=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  seed: int = 0, total_steps: int | None = None, nuclear_method: str = "gram",
                  nuclear_max_numel: int | None = None, fused: bool | None = None,
-                 selection: Selection | None = None):
+                 selection: Selection | None = None, *, compact: bool = False, value_copy: bool | None = None,
+                 positions: str | None = None, moments: str | None = None):
         if threshold is None and fraction is None and selection is None:
             threshold = 2e-3  # the authors' θ for Stable Diffusion 1.5
         _check_number("lr", lr, low=0, low_inclusive=False)
@@ -137,6 +175,14 @@ class SaRAAdamW(torch.optim.AdamW):
             raise ConfigError(f"nuclear_method must be 'gram' or 'svd', got {nuclear_method!r}")
         if selection is None:
             check_selection_args(threshold, fraction, per_layer)
+        # -- compact state options (see the class docstring)
+        if not isinstance(compact, bool) or not (value_copy is None or isinstance(value_copy, bool)):
+            raise ConfigError(f"compact and value_copy must be True or False, got compact={compact!r}, "
+                              f"value_copy={value_copy!r}")
+        self.value_copy = (not compact) if value_copy is None else value_copy
+        self.positions = check_position_kind(positions or ("delta" if compact else "index"))
+        self.moments = check_moment_kind(moments or ("bf16" if compact else "fp32"))
+        self._own_step = not self.value_copy or self.moments != "fp32"
         check_attachable(model, type(self).__name__)
 
         params = considered_parameters(model, target_modules, layer_types)
@@ -164,20 +210,32 @@ class SaRAAdamW(torch.optim.AdamW):
             for name, p in params:
                 flat_view(p)
                 idx = selection.indices[name].to(p.device)
-                values = flat_view(p).index_select(0, idx).clone().requires_grad_(True)
-                initial = values.detach().clone() if (self.rank_lambda > 0 and p.ndim == 2) else None
-                self.slots.append(_Slot(name, p, idx, values, selection.thresholds[name], initial))
+                if self.value_copy:
+                    values = flat_view(p).index_select(0, idx).clone().requires_grad_(True)
+                else:
+                    values = placeholder(idx.numel(), p)
+                initial = flat_view(p).index_select(0, idx).clone() if (self.rank_lambda > 0 and p.ndim == 2) \
+                    else None
+                self.slots.append(_Slot(name, p, encode_positions(idx, p.numel(), self.positions), values,
+                                        selection.thresholds[name], initial))
+        if self.positions != "index":  # keep no 4-byte copy of the positions: decode the slots' on demand
+            self.selection = replace(selection, indices=_TrainedPositions(self.slots))
+        self.moment_generator = None
+        if self.moments != "fp32":  # stochastic rounding, reproducible and resumable
+            self.moment_generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
         values = [s.values for s in self.slots]
-        if fused is None:  # fused kernels are the fastest stock AdamW where torch has them
+        if self._own_step:
+            fused = False  # stock AdamW never runs: compact_adamw_step does
+        elif fused is None:  # fused kernels are the fastest stock AdamW where torch has them
             fused = all(v.device.type in ("cpu", "cuda") and v.dtype in (torch.float32, torch.float16,
                                                                          torch.bfloat16, torch.float64)
                         for v in values)
         super().__init__(values, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         fused=fused or None, foreach=None if fused else True)
+                         fused=fused or None, foreach=None if (fused or self._own_step) else True)
         # Only now touch the model, so a failed construction leaves it as it was.
         model.requires_grad_(False)
         for slot in self.slots:
-            if slot.idx.numel():
+            if slot.count:
                 self._hook(slot)
         mark_attached(model, [s.param for s in self.slots], self)
 
@@ -205,12 +263,12 @@ class SaRAAdamW(torch.optim.AdamW):
     def _delta(self, slot: _Slot) -> torch.Tensor:
         """ΔW⊙M as a dense matrix (one layer, transient)."""
         d = torch.zeros(slot.param.numel(), dtype=slot.values.dtype, device=slot.values.device)
-        d[slot.idx] = slot.values.detach() - slot.initial
+        d[slot.idx] = current_values(slot, self.value_copy) - slot.initial
         return d.view(slot.param.shape)
 
     def eligible_for_nuclear(self) -> list[_Slot]:
         """2-D weights with trainable entries (and within ``nuclear_max_numel``)."""
-        return [s for s in self.slots if s.initial is not None and s.idx.numel() > 0 and min(s.param.shape) > 1
+        return [s for s in self.slots if s.initial is not None and s.count > 0 and min(s.param.shape) > 1
                 and (self.nuclear_max_numel is None or s.param.numel() <= self.nuclear_max_numel)]
 
     def _add_nuclear_grad(self) -> None:
@@ -239,13 +297,16 @@ class SaRAAdamW(torch.optim.AdamW):
         with torch.no_grad():
             if self.rank_lambda > 0 and self.steps_done % self.nuclear_every == 0:
                 self._add_nuclear_grad()
-        adamw_update(self)
-        with torch.no_grad():
-            for slot in self.slots:
-                if slot.values.grad is not None:  # AdamW left grad-less values (and weights) untouched
-                    # scatter_ with int64 positions is ~1.5x faster on CPU than index_put_ with int32
-                    # ones; the int64 copy lives for one layer only.
-                    flat_view(slot.param).scatter_(0, slot.idx.long(), slot.values.detach())
+        if self._own_step:  # compact state: AdamW written out, gather/update/scatter per layer
+            compact_adamw_step(self)
+        else:
+            adamw_update(self)
+            with torch.no_grad():
+                for slot in self.slots:
+                    if slot.values.grad is not None:  # AdamW left grad-less values (and weights) untouched
+                        # scatter_ with int64 positions is ~1.5x faster on CPU than index_put_ with int32
+                        # ones; the int64 copy lives for one layer only.
+                        flat_view(slot.param).scatter_(0, slot.idx.long(), slot.values.detach())
         self.steps_done += 1
         if self.progressive_iter is not None and self.steps_done == self.progressive_iter:
             self.progressive_adjust()
@@ -260,12 +321,12 @@ class SaRAAdamW(torch.optim.AdamW):
     @property
     def num_trainable(self) -> int:
         """How many entries train now (after progressive adjustment, fewer)."""
-        return sum(int(s.idx.numel()) for s in self.slots)
+        return sum(s.count for s in self.slots)
 
     def report(self):
         """Selection per weight (name, shape, numel, selected, fraction, threshold) + ``trainable`` now."""
         df = self.selection.report()
-        now = {s.name: int(s.idx.numel()) for s in self.slots}
+        now = {s.name: s.count for s in self.slots}
         df["trainable"] = [now.get(n, self.num_trainable) for n in df.name]
         return df
 
@@ -275,9 +336,10 @@ class SaRAAdamW(torch.optim.AdamW):
         sd["sara"] = {
             "names": [s.name for s in self.slots],
             "idx": [s.idx.cpu() for s in self.slots],
-            "frozen": [[f.cpu() for f in s.frozen] for s in self.slots],
+            "frozen": [[f.decode().cpu() for f in s.frozen] for s in self.slots],
             "initial": [None if s.initial is None else s.initial.cpu() for s in self.slots],
             "steps_done": self.steps_done, "rng": self._rng.getstate(),
+            "moment_rng": None if self.moment_generator is None else self.moment_generator.get_state(),
         }
         return sd
 
@@ -294,18 +356,43 @@ class SaRAAdamW(torch.optim.AdamW):
             for slot, idx, frozen, initial in zip(self.slots, sara["idx"], sara["frozen"], sara["initial"]):
                 dev = slot.param.device
                 slot.idx = idx.to(dev)
-                slot.frozen = [f.to(dev) for f in frozen]
+                slot.frozen = [encode_positions(f.to(dev), slot.param.numel(), self.positions) for f in frozen]
                 slot.values.grad = None
-                slot.values.data = flat_view(slot.param).index_select(0, slot.idx).clone()
-                slot.initial = None if initial is None else initial.to(dev, slot.values.dtype)
+                if self.value_copy:
+                    slot.values.data = flat_view(slot.param).index_select(0, slot.idx).clone()
+                else:
+                    slot.values.data = placeholder_data(slot.count, slot.values)
+                slot.initial = None if initial is None else initial.to(dev, slot.param.dtype)
                 self._unhook(slot)
-                if slot.idx.numel():
+                if slot.count:
                     self._hook(slot)
                 else:
                     slot.param.requires_grad_(False)
         self.steps_done = sara["steps_done"]
         self._rng.setstate(_as_rng_state(sara["rng"]))
-        super().load_state_dict(state_dict)
+        if self.moment_generator is not None and sara.get("moment_rng") is not None:
+            self.moment_generator.set_state(sara["moment_rng"])
+        self._load_optimizer_state(state_dict)
+
+    def _load_optimizer_state(self, state_dict):
+        """torch's load, except that moments saved in (or for) a compact format are converted, not cast."""
+        if not self._own_step and not any(moment_kind(st) not in (None, "fp32")
+                                          for st in state_dict["state"].values()):
+            super().load_state_dict(state_dict)  # the exact path: unchanged
+            return
+        # torch would cast every floating state tensor to the param's dtype (fp32): take the moments out
+        held, rest = {}, {}
+        for pid, st in state_dict["state"].items():
+            held[pid] = {k: v for k, v in st.items() if k != "step"}
+            rest[pid] = {k: v for k, v in st.items() if k == "step"}
+        super().load_state_dict({**state_dict, "state": rest})
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if held.get(pid):
+                st = self.state[p]
+                st.update({k: v.to(p.device) for k, v in held[pid].items()})
+                convert_moments(st, self.moments)
 
     # ---------------------------------------------------------------- detaching
     def detach(self, requires_grad: bool | None = None) -> nn.Module | None:
@@ -334,6 +421,25 @@ class SaRAAdamW(torch.optim.AdamW):
         sel = self.selection
         return {"method": "sara", "mode": sel.mode, "requested": sel.requested, "rank_lambda": self.rank_lambda,
                 "progressive_iter": self.progressive_iter, "steps_done": self.steps_done}
+
+
+class _TrainedPositions(Mapping):
+    """``Selection.indices`` of a compact optimizer: every position that ever trained, decoded on access.
+
+    Nothing new joins the trainable set, so this is the selection it was built from.
+    """
+
+    def __init__(self, slots):
+        self._slots = {s.name: s for s in slots}
+
+    def __getitem__(self, name):
+        return self._slots[name].trained_positions()
+
+    def __iter__(self):
+        return iter(self._slots)
+
+    def __len__(self):
+        return len(self._slots)
 
 
 def adamw_update(optimizer: torch.optim.AdamW, closure=None):

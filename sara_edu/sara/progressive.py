@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+from .compact_step import current_values, keep_values
+from .moments import keep_entries
+from .positions import encode_positions
 
 
 @torch.no_grad()
@@ -25,24 +27,23 @@ def progressive_adjust(optimizer):
     """
     rows = []
     for slot in optimizer.slots:
-        n = int(slot.idx.numel())
+        n = slot.count
         if n == 0:
             continue
-        keep = slot.values.detach().abs() < slot.threshold
+        keep = current_values(slot, optimizer.value_copy).abs() < slot.threshold
         kept = int(keep.sum())
         rows.append({"name": slot.name, "selected": n, "froze": n - kept, "continue": kept})
         if kept == n:
             continue
-        slot.frozen.append(slot.idx[~keep])
-        slot.idx = slot.idx[keep]
-        slot.values.grad = None
-        slot.values.data = slot.values.data[keep]
+        idx = slot.idx
+        slot.frozen.append(encode_positions(idx[~keep], slot.param.numel(), slot.positions.kind))
+        slot.idx = idx[keep]
+        keep_values(slot, keep, optimizer.value_copy)
         if slot.initial is not None:
             slot.initial = slot.initial[keep]
         state = optimizer.state.get(slot.values)
-        for key in _MOMENT_KEYS:
-            if state and key in state:
-                state[key] = state[key][keep]
+        if state:
+            keep_entries(state, keep)
         if kept == 0:
             optimizer._unhook(slot)
             slot.param.requires_grad_(False)

@@ -31,6 +31,10 @@ class SaRA(SparseMethod):
     ``train`` call) first detaches this object's previous attachment and then
     selects afresh from the current weights; attaching to a model that another
     SaRA/selective object manages is an error.
+
+    ``compact``, ``value_copy``, ``positions``, ``moments``: how the optimizer
+    keeps its state per trained entry (see :class:`~sara_edu.sara.SaRAAdamW`;
+    the defaults are exact, ``compact=True`` keeps ~5 bytes instead of 16).
     """
 
     threshold: float | None = None
@@ -43,6 +47,10 @@ class SaRA(SparseMethod):
     layer_types: object = None
     seed: int = 0
     nuclear_max_numel: int | None = None
+    compact: bool = False
+    value_copy: bool | None = None
+    positions: str | None = None
+    moments: str | None = None
     name: str = "sara"
     optimizer: SaRAAdamW | None = field(default=None, init=False, repr=False)
 
@@ -61,7 +69,9 @@ class SaRA(SparseMethod):
                                    progressive_iter=progressive, nuclear_every=self.nuclear_every,
                                    target_modules=self.target_modules, layer_types=self.layer_types,
                                    betas=betas, weight_decay=weight_decay, seed=self.seed,
-                                   total_steps=total_steps, nuclear_max_numel=self.nuclear_max_numel)
+                                   total_steps=total_steps, nuclear_max_numel=self.nuclear_max_numel,
+                                   compact=self.compact, value_copy=self.value_copy, positions=self.positions,
+                                   moments=self.moments)
         return self.optimizer
 
     def _opt(self) -> SaRAAdamW:

@@ -1,0 +1,53 @@
+"""How many bytes SaRA keeps per trained entry, counted from the tensors it actually holds.
+
+Persistent state is what lives from one step to the next (not the per-layer
+transients of a step, not the activations): per considered weight, the
+trainable values (or a placeholder of one number without a value copy), the
+encoded positions (still training, and frozen by progressive adjustment), the
+AdamW moments with their step counter and block scales, and, while the
+nuclear-norm term is on, the starting values of 2-D weights. Each part is the
+bytes of the distinct storages behind it, so a view or a shared tensor counts
+once and nothing is computed from a formula.
+"""
+from __future__ import annotations
+
+import torch
+
+from .moments import moment_tensors
+
+STATE_PARTS = ("values", "positions", "moments", "initial")
+
+
+def _storage_bytes(tensors, seen: set) -> int:
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes(), t.device)
+        if storage.nbytes() and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def state_bytes(optimizer) -> dict:
+    """Bytes of persistent state of a :class:`~sara_edu.sara.SaRAAdamW`, by part, and per trained entry.
+
+    Returns ``{"values", "positions", "moments", "initial"}`` in bytes plus
+    ``"total"``, ``"trained entries"`` (training now) and ``"bytes per entry"``.
+    The moments exist from the first step on (torch creates optimizer state
+    lazily), so measure after a step.
+    """
+    seen: set = set()
+    parts = dict.fromkeys(STATE_PARTS, 0)
+    for slot in optimizer.slots:
+        parts["values"] += _storage_bytes([slot.values.detach()], seen)
+        parts["positions"] += _storage_bytes([t for p in [slot.positions, *slot.frozen] for t in p.tensors()], seen)
+        state = optimizer.state.get(slot.values, {})
+        parts["moments"] += _storage_bytes(moment_tensors(state) + [state.get("step")], seen)
+        parts["initial"] += _storage_bytes([slot.initial], seen)
+    entries = int(optimizer.num_trainable)
+    total = sum(parts.values())
+    return {**parts, "total": total, "trained entries": entries,
+            "bytes per entry": total / entries if entries else float("nan")}

@@ -1,0 +1,189 @@
+"""AdamW's two moments per trained entry, kept in fp32, bf16 or 8 bits.
+
+The moments (``exp_avg`` m, ``exp_avg_sq`` v) are 8 of the 16 bytes SaRA keeps
+per trained entry. ``moments=`` of :class:`~sara_edu.sara.SaRAAdamW` picks how
+they are stored between steps; every step decodes one layer's moments to fp32,
+runs the AdamW update in fp32 and encodes them again:
+
+* ``"fp32"``: 8 bytes per entry, exact (what ``torch.optim.AdamW`` keeps).
+* ``"bf16"``: 4 bytes. bfloat16 keeps 8 significant bits. Rounding to nearest
+  would freeze v: ``v ← 0.999·v + 0.001·g²`` changes v by 0.1%, less than half
+  a bf16 step (0.2-0.4%), so a v whose gradient shrank would round back to
+  itself for ever. We round **stochastically** instead (add 16 random bits
+  below the kept ones, then truncate): each stored value is the fp32 value in
+  expectation, so v decays as it should, with ~0.4% noise per step.
+* ``"8bit"``: ~2.03 bytes, blockwise like 8-bit Adam (Dettmers et al., 2022):
+  each block of 256 consecutive entries keeps one fp32 scale (its largest
+  ``|value|``) and every entry a float8 (e4m3: 3 significant bits, ~5 decades)
+  of its value relative to that scale. Quantising *relative to the block's
+  largest value* is what makes 8 bits enough: large and small moments in
+  different blocks keep their own scale. Rounding is stochastic as for bf16;
+  a non-zero v never rounds to 0 (it would turn m/√v into m/eps: a huge step),
+  it is kept at least at the smallest float8 (2**-9 of the block's scale).
+  We use torch's native float8 casts rather than a 256-entry code book: a
+  nearest-code search (``bucketize``) costs ~20x more per entry on a CPU.
+
+The stochastic rounding draws from a ``torch.Generator`` owned by the
+optimizer (seeded by its ``seed``, saved in its ``state_dict``), so runs and
+resumed runs are reproducible.
+
+State layout in ``optimizer.state[param]`` (what ``state_dict`` saves):
+``exp_avg``/``exp_avg_sq`` (float32, bfloat16 or float8_e4m3fn) and, for 8 bits,
+``exp_avg_scale``/``exp_avg_sq_scale`` (float32, one per block of 256).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+MOMENT_KINDS = ("fp32", "bf16", "8bit")
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+BLOCK = 256
+_FP8 = torch.float8_e4m3fn
+_FP8_MAX = 448.0  # the largest float8_e4m3fn
+_FP8_TINY = 2.0**-9  # its smallest positive (subnormal) value
+_DROPPED_BITS = {torch.bfloat16: 16, _FP8: 20}  # fp32 mantissa bits below the kept ones
+
+
+def check_moment_kind(kind) -> str:
+    if kind not in MOMENT_KINDS:
+        raise ConfigError(f"moments must be one of {MOMENT_KINDS} ('fp32': 8 bytes per trained entry, exact "
+                          f"default; 'bf16': 4 bytes; '8bit': ~2 bytes, blockwise), got {kind!r}")
+    return kind
+
+
+def moment_kind(state: dict) -> str | None:
+    """The format a param's state is in (None before its first step)."""
+    m = state.get("exp_avg")
+    if m is None:
+        return None
+    if "exp_avg_scale" in state:
+        return "8bit"
+    return "bf16" if m.dtype == torch.bfloat16 else "fp32"
+
+
+# ----------------------------------------------------------------- one step: decode, update, encode
+
+
+def init_moments(state: dict, n: int, kind: str, device) -> None:
+    """Zero moments for ``n`` entries, in ``kind``."""
+    store_moments(state, kind, torch.zeros(n, device=device), torch.zeros(n, device=device), None)
+
+
+def load_moments(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, v) as fp32. For fp32 state these are the stored tensors themselves (update in place)."""
+    kind = moment_kind(state)
+    if kind == "fp32":
+        return state["exp_avg"], state["exp_avg_sq"]
+    if kind == "bf16":
+        return state["exp_avg"].float(), state["exp_avg_sq"].float()
+    return (_dequantize(state["exp_avg"], state["exp_avg_scale"]),
+            _dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"]))
+
+
+def store_moments(state: dict, kind: str, m: torch.Tensor, v: torch.Tensor, generator) -> None:
+    """Encode fp32 ``m``, ``v`` into ``state`` as ``kind``; ``generator=None`` rounds to nearest."""
+    if kind == "fp32":
+        state["exp_avg"], state["exp_avg_sq"] = m.float(), v.float()  # the same tensors when already fp32
+        for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+            state.pop(key, None)
+        return
+    if kind == "bf16":
+        state["exp_avg"] = _round(m, torch.bfloat16, None)
+        state["exp_avg_sq"] = _round(v, torch.bfloat16, generator)
+        for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+            state.pop(key, None)
+        return
+    state["exp_avg"], state["exp_avg_scale"] = _quantize(m, None, floor=False)
+    state["exp_avg_sq"], state["exp_avg_sq_scale"] = _quantize(v, generator, floor=True)
+
+
+def _round(x: torch.Tensor, dtype, generator) -> torch.Tensor:
+    """fp32 -> bf16/float8 of the same value, stochastically (unbiased) when a generator is given."""
+    x = x.float()
+    if generator is None:
+        return x.to(dtype)
+    bits = _DROPPED_BITS[dtype]
+    noise = torch.randint(0, 1 << bits, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    # Adding below the kept bits and truncating rounds the magnitude up with probability equal to
+    # the dropped fraction (sign-magnitude format: it works the same for negatives).
+    pattern = x.view(torch.int32).add(noise).bitwise_and_(-(1 << bits))
+    return pattern.view(torch.float32).to(dtype)
+
+
+def _blocks(x: torch.Tensor):
+    """(full blocks as an (nb, 256) view, the shorter tail) of a 1-D tensor."""
+    nb = x.numel() // BLOCK
+    return x[: nb * BLOCK].view(nb, BLOCK), x[nb * BLOCK:]
+
+
+def _block_scales(x: torch.Tensor) -> torch.Tensor:
+    full, tail = _blocks(x)
+    scales = full.abs().amax(1)
+    if tail.numel():
+        scales = torch.cat([scales, tail.abs().amax().view(1)])
+    return scales
+
+
+def _per_block(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``x`` times its block's factor (a new fp32 tensor)."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    o_full, o_tail = _blocks(out)
+    x_full, x_tail = _blocks(x)
+    nb = o_full.shape[0]
+    torch.mul(x_full, factors[:nb, None], out=o_full)
+    if o_tail.numel():
+        torch.mul(x_tail, factors[nb], out=o_tail)
+    return out
+
+
+def _quantize(x: torch.Tensor, generator, floor: bool):
+    """fp32 -> (float8 codes relative to each block's largest |x|, fp32 scale per block)."""
+    scales = _block_scales(x)
+    # An all-zero block keeps scale 0 and codes 0; dividing by 1 there avoids 0/0.
+    normed = _per_block(x, _FP8_MAX / torch.where(scales > 0, scales, torch.ones_like(scales)))
+    normed.clamp_(-_FP8_MAX, _FP8_MAX)
+    if floor:  # v: a non-zero value must not become 0 (see module docstring)
+        normed = torch.where(normed > 0, normed.clamp(min=_FP8_TINY), normed)
+    return _round(normed, _FP8, generator), scales
+
+
+def _dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _per_block(codes.float(), scales / _FP8_MAX)
+
+
+# ----------------------------------------------------------------- changing the entries or the format
+
+
+def keep_entries(state: dict, keep: torch.Tensor) -> None:
+    """Keep only the entries where ``keep`` is True (progressive adjustment), in the same format.
+
+    8-bit moments are decoded, filtered and encoded again (rounding to nearest):
+    the blocks are regrouped, so every continuing entry is quantised once more.
+    """
+    kind = moment_kind(state)
+    if kind is None:
+        return
+    if kind in ("fp32", "bf16"):
+        for key in MOMENT_KEYS + ("max_exp_avg_sq",):
+            if key in state:
+                state[key] = state[key][keep]
+        return
+    m, v = load_moments(state)
+    store_moments(state, kind, m[keep], v[keep], None)
+
+
+def convert_moments(state: dict, kind: str) -> None:
+    """Put a param's moments into ``kind`` (resuming from a checkpoint saved with other options)."""
+    have = moment_kind(state)
+    if have is None or have == kind:
+        return
+    m, v = load_moments(state)
+    store_moments(state, kind, m, v, None)
+
+
+def moment_tensors(state: dict) -> list[torch.Tensor]:
+    """The tensors a param's moments occupy (for byte accounting)."""
+    keys = MOMENT_KEYS + ("exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq")
+    return [state[k] for k in keys if isinstance(state.get(k), torch.Tensor)]
