@@ -1,37 +1,54 @@
-"""Memory and time of fine-tuning methods: full FT, LoRA, selective, SaRA (and plain fwd+bwd).
+"""Memory and time of fine-tuning methods, as the tensor tracker and as the OS see them.
 
-    python benchmarks/memory_time.py                     # both models, default steps
-    python benchmarks/memory_time.py --models course --steps 20
-    python benchmarks/memory_time.py --quick             # smoke run: course model, few steps
+    python benchmarks/memory_time.py                          # course + sd15, every method, 2 rounds
+    python benchmarks/memory_time.py --quick                  # smoke run: course model, a few steps
+    python benchmarks/memory_time.py --models sd15 --methods plain,full,sara,sara-compact* --steps 2
 
-Every method runs through the course's own loop (:func:`sara_edu.training.train`)
-on a fresh copy of the same model, so the comparisons are fair:
+Every (model, method) runs in its own fresh Python process (``--worker``), so
+that the process's peak resident memory is that method's alone; methods are
+interleaved: round 1 runs each method once, round 2 runs each again, and so
+on, so that a busy spell of a shared machine does not fall on one method only.
+Each process trains through the course's own loop (:func:`sara_edu.training.train`)
+on a fresh copy of the same model:
 
-* memory: a :class:`~sara_edu.measure.memory.MemoryTracker` counts every tensor created
-  from the moment the method is attached (parameter selection included)
-  through the first ``TRACKED_STEPS`` training steps (the optimizer state exists
-  from step 1 on, so step 2 is a steady-state step; SaRA's progressive
-  re-selection is placed at the end of step 2 so that it is measured too).
-  The peak *above the frozen weights* is reported with its breakdown.
-* time: the median step time of the ``--steps`` steps that follow, run without
-  the tracker (its per-op bookkeeping would slow small models down).
+* **tracker peak** (round 1): a :class:`~sara_edu.measure.memory.MemoryTracker`
+  counts every tensor created from attaching the method (selection included)
+  through ``WARMUP_STEPS`` steps (SaRA's progressive re-selection is at step 2,
+  so it is measured too); reported above the frozen weights, with its breakdown.
+  It counts live tensors only: a lower bound of what the OS sees.
+* **peak RSS**: the process's peak resident set (``VmHWM``, reset with
+  ``/proc/self/clear_refs`` right after the model is loaded) minus its resident
+  set after loading: what the method costs the machine, allocator caches,
+  fragmentation and library buffers included (max over rounds).
+* **state per trained entry**: bytes of the live tensors the method created and
+  keeps between steps (trainable values or adapters, optimizer state, and what
+  attaching made: positions, masks, adapter coordinates), counted by the tracker
+  after step 1 (every optimizer state exists then, the step's temporaries are
+  gone), divided by the trainable count. For SaRA also split into its parts
+  (:func:`sara_edu.sara.footprint.state_bytes`).
+* **step time**: process CPU time per step (wall time on CUDA) of the
+  ``--steps`` steps after the warm-up steps, tracker off; the median over all
+  rounds. ``x plain fwd+bwd`` divides by the reference's.
 
 The "plain fwd+bwd" row is the reference: forward, backward computing dense
-weight gradients, free them; no clipping, no optimizer. SaRA's claim is that
-its training step costs about that much.
+weight gradients, free them; no clipping, no optimizer.
 
-Results: a table on stdout and ``benchmarks/results/memory_time_<device>.csv``.
+Results: a table on stdout, ``benchmarks/results/memory_time_<device>.csv`` and
+PASS/FAIL lines for the targets (never asserted in tests).
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gc
 import json
 import math
+import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +59,17 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sara_edu.training.lora import LoRA, lora_rank_matching, save_lora  # noqa: E402
 from sara_edu.measure.memory import MB, MemoryTracker  # noqa: E402
-from sara_edu.training.method import FullFineTuning, TrainingMethod
 from sara_edu.training.loop import pick_device, train  # noqa: E402
+from sara_edu.training.lora import LoRA, lora_rank_matching, save_lora  # noqa: E402
+from sara_edu.training.method import FullFineTuning, TrainingMethod  # noqa: E402
 
-TRACKED_STEPS = 2
+WARMUP_STEPS = 2  # tracked in round 1, untimed in every round
 SD15_CONFIG = ROOT / "sara_edu" / "sd" / "sd15_unet_config.json"
 CACHE = Path(tempfile.gettempdir()) / "sara_edu_bench"
+# Stable Diffusion 1.5's training noise schedule (its scheduler_config.json, DDPM part)
+SD15_NOISE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
 
 
 # ---------------------------------------------------------------- models
@@ -158,7 +178,7 @@ def make_setup(model: str, device):
     if model == "sd15":
         side = 64 if device.type == "cuda" else 32
         cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0))
-        return (lambda: BenchPipe(sd15_unet(), cond.clone(), None), RandomSamples(4, (4, side, side)), 1,
+        return (lambda: BenchPipe(sd15_unet(), cond.clone(), dict(SD15_NOISE)), RandomSamples(4, (4, side, side)), 1,
                 f"SD1.5-sized UNet (random), batch 1 x 4x{side}x{side} latents")
     raise SystemExit(f"unknown model {model!r}: use course and/or sd15")
 
@@ -201,231 +221,367 @@ class PlainForwardBackward(TrainingMethod):
         return 0
 
 
-def method_factories(have_sara: bool):
-    """(row name, factory() -> TrainingMethod), in run order.
+def _sara(**kwargs):
+    from sara_edu.training.sara import SaRA
 
-    Factories of None are built in :func:`benchmark_model`: the reference, and the
-    rank-matched LoRA, which needs SaRA's trainable count (so SaRA runs first).
-    """
-    rows = [("plain fwd+bwd (reference)", None), ("full fine-tuning", FullFineTuning),
-            ("LoRA r=4", lambda: LoRA(rank=4))]
-    if have_sara:
-        from sara_edu.training.sara import SaRA
-        from sara_edu.training.selective import SelectiveFineTuning
-
-        rows += [("selective 10% (no UB)", lambda: SelectiveFineTuning(fraction=0.1)),
-                 ("SaRA 10% (no nuclear)", lambda: SaRA(fraction=0.1, rank_lambda=0.0, progressive_iter=TRACKED_STEPS)),
-                 ("SaRA 10% + nuclear", lambda: SaRA(fraction=0.1, progressive_iter=TRACKED_STEPS))]
-    rows += [("LoRA rank-matched", None)]
-    return rows
+    return SaRA(**{"fraction": 0.1, "progressive_iter": WARMUP_STEPS, **kwargs})
 
 
-def lora_matched(unet, n_params):
-    match = lora_rank_matching(unet, n_params)
+# key -> (row label, factory(unet) -> (method, label)); matched methods look at the model first
+def _plain(unet):
+    return PlainForwardBackward(), None
+
+
+def _selective(unet):
+    from sara_edu.training.selective import SelectiveFineTuning
+
+    return SelectiveFineTuning(fraction=0.1), None
+
+
+def _theta_10(unet) -> float:
+    """SaRA's θ for 10% of all entries (global quantile), without storing any selection."""
+    from sara_edu.sara.selection import abs_quantile
+
+    return abs_quantile([p for p in unet.parameters() if p.is_floating_point()], 0.1)
+
+
+def _selected_in(unet, theta, layer_type=None) -> int:
+    mods = unet.modules() if layer_type is None else (m for m in unet.modules() if isinstance(m, layer_type))
+    return sum(int((p.detach().abs() < theta).sum()) for m in mods for p in m.parameters(recurse=False)
+               if p.is_floating_point())
+
+
+def _sara_linear(compact):
+    def make(unet):
+        theta = _theta_10(unet)
+        return _sara(threshold=theta, fraction=None, layer_types=nn.Linear, compact=compact), None
+    return make
+
+
+def _shira(unet):
+    from sara_edu.training.shira import SHiRA, shira_rank_matching
+
+    n = _selected_in(unet, _theta_10(unet), nn.Linear)  # what SaRA 10% selects in the Linear layers
+    r = shira_rank_matching(unet, n)
+    return SHiRA(r=r), f"SHiRA r={r} (PEFT; all Linear, matched to SaRA's {n / 1e6:.2f}M there)"
+
+
+def _lora_matched(unet):
+    n = _selected_in(unet, _theta_10(unet))
+    match = lora_rank_matching(unet, n)
     label = f"LoRA r={match.rank} (matched{', widened targets' if match.widened else ''})"
     return LoRA(rank=match.rank, target_modules=match.target_modules), label
 
 
-# ------------------------------------------------------------------- run
-def selected_count(method, unet) -> int:
+METHODS = {
+    "plain": ("plain fwd+bwd (reference)", _plain),
+    "full": ("full fine-tuning", lambda unet: (FullFineTuning(), None)),
+    "selective": ("selective 10% (no UB)", _selective),
+    "sara-nonuclear": ("SaRA 10% exact, no nuclear", lambda unet: (_sara(rank_lambda=0.0), None)),
+    "sara": ("SaRA 10% exact", lambda unet: (_sara(), None)),
+    "sara-nocopy": ("SaRA 10% no value copy", lambda unet: (_sara(value_copy=False), None)),
+    "sara-delta": ("SaRA 10% delta positions", lambda unet: (_sara(positions="delta"), None)),
+    "sara-bitmask": ("SaRA 10% bitmask positions", lambda unet: (_sara(positions="bitmask"), None)),
+    "sara-bf16": ("SaRA 10% bf16 moments", lambda unet: (_sara(moments="bf16"), None)),
+    "sara-8bit": ("SaRA 10% 8-bit moments", lambda unet: (_sara(moments="8bit"), None)),
+    "sara-compact": ("SaRA 10% compact (no copy, delta, bf16)", lambda unet: (_sara(compact=True), None)),
+    "sara-compact8": ("SaRA 10% compact 8-bit (no copy, delta, 8-bit)",
+                      lambda unet: (_sara(compact=True, moments="8bit"), None)),
+    "sara-linear": ("SaRA exact, Linear layers (θ of 10%)", _sara_linear(False)),
+    "sara-linear-compact": ("SaRA compact, Linear layers (θ of 10%)", _sara_linear(True)),
+    "shira": ("SHiRA (matched)", _shira),
+    "lora4": ("LoRA r=4", lambda unet: (LoRA(rank=4), None)),
+    "lora-matched": ("LoRA rank-matched", _lora_matched),
+}
+
+
+# ------------------------------------------------------------------- the OS view
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Make VmHWM start again from the current resident set (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+# ------------------------------------------------------------------- one process, one method
+def trainable_count(method, unet) -> int:
     """Trainable numbers as selected at attach time (SaRA's progressive step later freezes some)."""
-    opt = getattr(method, "optimizer", None)
-    selection = getattr(opt, "selection", None)
+    selection = getattr(getattr(method, "optimizer", None), "selection", None)
     if selection is not None:
         return int(selection.total_selected)
     return int(method.trainable_parameters(unet))
 
 
-def saved_file_bytes(name, method, unet, folder: Path) -> float:
-    """Size of what this method would ship: adapter, sparse values or the full state dict."""
-    if name.startswith("plain"):
+def saved_file_bytes(key, method, unet, folder: Path) -> float:
+    """Size of what this method would ship: adapter, sparse positions + values, or the full state dict."""
+    if key == "plain":
         return math.nan
     path = folder / "out.safetensors"
+    from sara_edu.io import save_tensors
+
     if isinstance(method, LoRA):
         save_lora(unet, path)
-    elif hasattr(method, "save"):  # SaRA / selective: sparse (positions + values)
-        try:
-            method.save(path)
-        except Exception as e:  # report the size anyway: the raw bytes of positions + values
-            print(f"  ! {name}: save failed ({type(e).__name__}: {e}); reporting the raw size of its "
-                  "positions + values instead", flush=True)
-            from sara_edu.sara.selection import index_dtype_for
+    elif key == "shira":  # the adapter values and their (row, column) coordinates
+        from peft.tuners.shira.layer import ShiraLayer
 
-            own = dict(unet.named_parameters())
-            return sum(idx.numel() * (torch.empty(0, dtype=index_dtype_for(own[n].numel())).element_size()
-                                      + own[n].element_size())
-                       for n, idx in method.optimizer.trained_entries().items())
+        tensors = {}
+        for name, m in unet.named_modules():
+            if isinstance(m, ShiraLayer):
+                tensors[f"{name}::values"] = m.shira_weight["default"].detach()
+                tensors[f"{name}::indices"] = m.shira_indices["default"]
+        save_tensors(tensors, path)
+    elif hasattr(method, "save"):  # SaRA / selective: the sparse file
+        method.save(path)
     else:  # full fine-tuning: the whole fp32 state dict
         n = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
         if n > 2**30:  # don't write gigabytes: safetensors = a small JSON header + the raw tensors
             return n
-        from sara_edu.io import save_tensors
-
         save_tensors(unet.state_dict(), path)
     size = path.stat().st_size
     path.unlink()
     return size
 
 
-def run_one(name, method, fresh, dataset, batch_size, steps, device, folder):
+def run_worker(model: str, key: str, steps: int, tracked: bool, device) -> dict:
+    """Load the model, attach ``key``, train warm-up + timed steps; measure (see module docstring)."""
+    fresh, dataset, batch_size, _ = make_setup(model, device)
     pipe = fresh()
     unet = pipe.unet
-    tracker = MemoryTracker(device=device, model=unet)
+    label, factory = METHODS[key]
+    method, custom_label = factory(unet)
+    label = custom_label or label
+    gc.collect()
+    rss_loaded = current_rss_bytes()
+    rss_reset = reset_peak_rss()
+    tracker = MemoryTracker(device=device, model=unet) if tracked else None
     if isinstance(method, PlainForwardBackward):
         method.tracker = tracker
+    marks, after_step1 = {}, {}
 
-    cpu_marks = {}  # step -> process CPU seconds when it ended
+    def callback(step, pipe, optimizer):
+        if step == 1:
+            if tracker is not None:  # what the method keeps between steps (not the step's leftovers)
+                live = tracker.live_bytes(pipe.unet, optimizer)
+                after_step1["tracker_state"] = sum(live[c] for c in ("trainable_values", "optimizer_state",
+                                                                     "method_buffers"))
+            if hasattr(optimizer, "slots"):  # SaRA: its own count, part by part
+                from sara_edu.sara.footprint import state_bytes
 
-    def stop_tracking(step, pipe, optimizer):
-        if step == TRACKED_STEPS:
+                after_step1["sara"] = state_bytes(optimizer)
+        if step == WARMUP_STEPS and tracker is not None:
             tracker.stop()
-        cpu_marks[step] = time.process_time()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        marks[step] = (time.process_time(), time.perf_counter())
 
-    with tracker:
-        history = train(pipe, dataset, tracker.watching(method), steps=TRACKED_STEPS + steps, lr=1e-4,
-                        batch_size=batch_size, seed=0, device=device, progress=False, callback=stop_tracking)
-    report = tracker.report(unet)
-    timed = history.step_time_s.iloc[TRACKED_STEPS:]
-    cpu = pd.Series([cpu_marks[k] - cpu_marks[k - 1] for k in range(TRACKED_STEPS + 1, TRACKED_STEPS + steps + 1)])
-    row = {"method": name, "trainable parameters": selected_count(method, unet),
-           "peak above frozen (MB)": report.peak_above_frozen / MB,
-           "frozen weights (MB)": report.frozen_weights / MB,
-           "trainable values (MB)": report.trainable_values / MB,
-           "optimizer state (MB)": report.optimizer_state / MB,
-           "gradients (MB)": report.gradients / MB,
-           "method buffers (MB)": report.method_buffers / MB,
-           "activations + transients (MB)": report.activations_transients / MB,
-           "median step (s)": float(timed.median()),
-           "median step CPU (s)": float(cpu.median()),
-           "saved file (MB)": saved_file_bytes(name, method, unet, folder) / MB}
-    del pipe, unet, tracker, history, report
+    watched = tracker.watching(method) if tracker is not None else method
+    run = (lambda: train(pipe, dataset, watched, steps=WARMUP_STEPS + steps, lr=1e-4, batch_size=batch_size,
+                         seed=0, device=device, progress=False, callback=callback, memory_tracker=tracker))
+    if tracker is not None:
+        with tracker:
+            run()
+    else:
+        run()
+    peak_rss = peak_rss_bytes()
+    cpu = [marks[k][0] - marks[k - 1][0] for k in range(WARMUP_STEPS + 1, WARMUP_STEPS + steps + 1)]
+    wall = [marks[k][1] - marks[k - 1][1] for k in range(WARMUP_STEPS + 1, WARMUP_STEPS + steps + 1)]
+    n = trainable_count(method, unet)
+    row = {"method": label, "key": key, "trainable parameters": n,
+           "peak RSS above loaded model (MB)": (peak_rss - rss_loaded) / MB if rss_reset else math.nan,
+           "RSS after loading (MB)": rss_loaded / MB, "step CPU times (s)": cpu, "step wall times (s)": wall}
+    if tracker is not None:
+        report = tracker.report(unet)
+        row.update({"tracker peak above frozen (MB)": report.peak_above_frozen / MB,
+                    "frozen weights (MB)": report.frozen_weights / MB,
+                    "trainable values (MB)": report.trainable_values / MB,
+                    "optimizer state (MB)": report.optimizer_state / MB,
+                    "gradients (MB)": report.gradients / MB,
+                    "method buffers (MB)": report.method_buffers / MB,
+                    "activations + transients (MB)": report.activations_transients / MB})
+        if n and key != "plain":
+            row["state per trained entry (B)"] = after_step1.get("tracker_state", math.nan) / n
+        with tempfile.TemporaryDirectory() as folder:
+            row["saved file (MB)"] = saved_file_bytes(key, method, unet, Path(folder)) / MB
+    sara = after_step1.get("sara")
+    if sara:
+        for part in ("values", "positions", "moments", "initial", "total"):
+            row[f"SaRA {part} (B/entry)"] = sara[part] / sara["trained entries"]
     return row
 
 
-def free_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def benchmark_model(model, steps, device, folder, only=None):
-    fresh, dataset, batch_size, description = make_setup(model, device)
-    print(f"\n== {description}; {TRACKED_STEPS} tracked + {steps} timed steps per method ==", flush=True)
-    have_sara = (ROOT / "sara_edu" / "sara.py").exists() and (ROOT / "sara_edu" / "selective.py").exists()
-    rows, sara_count = [], None
-    for name, factory in method_factories(have_sara):
-        if only and not any(name.lower().startswith(o) for o in only):
-            continue
-        t0 = time.perf_counter()
+# ------------------------------------------------------------------- the parent: rounds of fresh processes
+def run_in_fresh_process(model, key, steps, tracked, device, timeout) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--models", model, "--methods", key,
+               "--steps", str(steps), "--device", device.type, "--out", str(out)] + (["--tracked"] if tracked else [])
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
         try:
-            if name.startswith("plain"):
-                method = PlainForwardBackward()
-            elif name.startswith("LoRA rank-matched"):
-                probe = fresh()
-                n = sara_count or round(0.1 * sum(p.numel() for p in probe.unet.parameters()))
-                method, name = lora_matched(probe.unet, n)
-                del probe
-            else:
-                method = factory()
-            row = run_one(name, method, fresh, dataset, batch_size, steps, device, folder)
-            if name.startswith("SaRA") and sara_count is None:
-                sara_count = row["trainable parameters"]
-        except Exception as e:  # one broken method should not hide the others' numbers
-            traceback.print_exc()
-            row = {"method": name, "error": f"{type(e).__name__}: {e}"}
-        method = None
-        free_memory()
-        row["model"] = model
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"key": key, "error": f"timed out after {timeout} s"}
+        if done.returncode != 0 or not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            why = "killed (out of memory?)" if done.returncode in (-9, 137) else " | ".join(tail)
+            return {"key": key, "error": f"exit {done.returncode}: {why}"}
+        return json.loads(out.read_text())
+
+
+def benchmark_model(model, keys, steps, rounds, device, timeout) -> pd.DataFrame:
+    print(f"\n== {model}: {len(keys)} methods x {rounds} rounds, {WARMUP_STEPS} warm-up + {steps} timed steps "
+          "each, one fresh process per run ==", flush=True)
+    runs = {key: [] for key in keys}
+    for r in range(rounds):
+        for key in keys:
+            t0 = time.perf_counter()
+            row = run_in_fresh_process(model, key, steps, tracked=(r == 0), device=device, timeout=timeout)
+            runs[key].append(row)
+            cpu = row.get("step CPU times (s)") or [math.nan]
+            print(f"  round {r + 1} {key:<20s} {time.perf_counter() - t0:6.0f} s  "
+                  f"peak RSS {row.get('peak RSS above loaded model (MB)', math.nan):9.0f} MB  "
+                  f"step CPU {pd.Series(cpu).median():7.3f} s  {row.get('error', '')}", flush=True)
+    rows = []
+    for key in keys:
+        ok = [r for r in runs[key] if "error" not in r]
+        if not ok:
+            rows.append({"model": model, "method": METHODS[key][0], "key": key, "error": runs[key][0]["error"]})
+            continue
+        row = {"model": model, **{k: v for k, v in ok[0].items() if not k.startswith("step ")}}
+        row["peak RSS above loaded model (MB)"] = max(r["peak RSS above loaded model (MB)"] for r in ok)
+        row["median step CPU (s)"] = float(pd.Series([t for r in ok for t in r["step CPU times (s)"]]).median())
+        row["median step wall (s)"] = float(pd.Series([t for r in ok for t in r["step wall times (s)"]]).median())
+        row["timed steps"] = sum(len(r["step CPU times (s)"]) for r in ok)
         rows.append(row)
-        print(f"  {name:<40s} {time.perf_counter() - t0:6.1f} s   "
-              f"peak above frozen {row.get('peak above frozen (MB)', math.nan):10.1f} MB   "
-              f"step {row.get('median step (s)', math.nan):.3f} s (CPU {row.get('median step CPU (s)', math.nan):.3f} s)",
-              flush=True)
     table = pd.DataFrame(rows)
     # On a CPU the ratio uses process CPU time: other processes on a shared machine
     # stretch wall-clock times unevenly between methods, but not the work a step does.
-    timing = "median step CPU (s)" if device.type == "cpu" else "median step (s)"
-    ref = table.loc[table.method.str.startswith("plain"), timing] if timing in table else []
+    timing = "median step CPU (s)" if device.type == "cpu" else "median step wall (s)"
+    ref = table.loc[table.key == "plain", timing] if timing in table else []
     if len(ref):
-        table.insert(table.columns.get_loc("median step CPU (s)") + 1, "x plain fwd+bwd",
-                     table[timing] / float(ref.iloc[0]))
+        table["x plain fwd+bwd"] = table[timing] / float(ref.iloc[0])
     return table
 
 
 # ----------------------------------------------------------------- targets
-def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool, str]]:
-    """The SaRA claims on the SD1.5-sized UNet, as PASS/FAIL lines."""
-    t = table[table.model == model].set_index("method")
-    if "peak above frozen (MB)" not in t:
-        return []
-    peak, step = t["peak above frozen (MB)"], t.get("x plain fwd+bwd", pd.Series(dtype=float))
+def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | None, str]]:
+    """The claims on the SD1.5-sized UNet as (what, PASS/FAIL or None for a measured-only line, value)."""
+    t = table[table.model == model].set_index("key")
     results = []
 
-    def find(prefix):
-        hits = [m for m in t.index if m.startswith(prefix) and not pd.isna(peak.get(m))]
-        return hits[0] if hits else None
+    def val(key, col):
+        v = t[col].get(key) if col in t and key in t.index else None
+        return None if v is None or pd.isna(v) else float(v)
 
-    full, sel, plain = find("full"), find("selective"), find("plain")
-    sara_nn, sara = find("SaRA 10% (no"), find("SaRA 10% +")
-    for s in (sara, sara_nn):
-        if s is None:
-            continue
-        if full:
-            r = peak[s] / peak[full]
-            results.append((f"{s}: peak above frozen <= 0.45x full FT", r <= 0.45, f"{r:.3f}x"))
-        if sel:
-            r = peak[s] / peak[sel]
-            results.append((f"{s}: peak above frozen <= 0.70x selective", r <= 0.70, f"{r:.3f}x"))
-        if plain and s in step:
-            r = step[s] / step[plain]
-            results.append((f"{s}: step time <= 1.15x plain fwd+bwd", r <= 1.15, f"{r:.3f}x"))
-    if sara in step and sara_nn in step:
-        r = step[sara] / step[sara_nn] - 1
-        results.append(("nuclear-norm term adds <= 10% step time", r <= 0.10, f"{100 * r:+.1f}%"))
+    for key in [k for k in t.index if k.startswith("sara")]:
+        b = val(key, "state per trained entry (B)")
+        if b is not None:
+            compact = key.startswith("sara-compact") or key == "sara-linear-compact"
+            results.append((f"{key}: persistent state per trained entry" + (" <= 8 B" if compact else ""),
+                            (b <= 8) if compact else None, f"{b:.2f} B"))
+    full_rss = val("full", "peak RSS above loaded model (MB)")
+    for key in ("sara-compact", "sara-compact8", "sara"):
+        rss = val(key, "peak RSS above loaded model (MB)")
+        if rss is not None and full_rss:
+            results.append((f"{key}: peak RSS <= 0.10x full fine-tuning's", rss <= 0.10 * full_rss,
+                            f"{rss / full_rss:.3f}x ({rss:.0f} / {full_rss:.0f} MB)"))
+    for key in [k for k in t.index if k.startswith("sara")]:
+        x = val(key, "x plain fwd+bwd")
+        if x is not None:
+            results.append((f"{key}: step time <= 1.10x plain fwd+bwd", x <= 1.10, f"{x:.3f}x"))
+    full_peak, sel_peak = val("full", "tracker peak above frozen (MB)"), val("selective", "tracker peak above frozen (MB)")
+    sara_peak = val("sara", "tracker peak above frozen (MB)")
+    if sara_peak is not None and full_peak:
+        results.append(("sara: tracker peak <= 0.45x full fine-tuning's", sara_peak <= 0.45 * full_peak,
+                        f"{sara_peak / full_peak:.3f}x"))
+    if sara_peak is not None and sel_peak:
+        results.append(("sara: tracker peak <= 0.70x selective's", sara_peak <= 0.70 * sel_peak,
+                        f"{sara_peak / sel_peak:.3f}x"))
+    a, b = val("sara", "median step CPU (s)"), val("sara-nonuclear", "median step CPU (s)")
+    if a is not None and b:
+        results.append(("nuclear-norm term adds <= 10% step time", a / b - 1 <= 0.10, f"{100 * (a / b - 1):+.1f}%"))
+    if "shira" in t.index:
+        parts = [f"{c.split(' (')[0]} {val('shira', c):.2f}" for c in ("state per trained entry (B)",
+                 "peak RSS above loaded model (MB)", "x plain fwd+bwd") if val("shira", c) is not None]
+        if parts:
+            results.append((f"SHiRA row ({t.loc['shira', 'method']})", None, ", ".join(parts)))
     return results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="course,sd15", help="comma-separated: course, sd15")
+    parser.add_argument("--methods", default="*",
+                        help=f"comma-separated keys or patterns (fnmatch) among: {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per method after the tracked ones (default: course 20, sd15 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: course model only, 3 timed steps")
-    parser.add_argument("--methods", default=None,
-                        help="only the methods whose name starts with one of these (comma-separated), "
-                             "e.g. plain,sara,selective,full,lora")
+                        help="timed steps per run after the warm-up ones (default: course 10, sd15 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every method, interleaved (default 2)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: course model only, 1 round, 3 timed steps")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per run before giving up on it")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/memory_time_<device>.csv)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tracked", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
+    if args.worker:  # one model, one method, in this fresh process
+        row = run_worker(args.models, args.methods, args.steps, args.tracked, device)
+        Path(args.out).write_text(json.dumps(row))
+        return row
     models = ["course"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
-    default_steps = {"course": 3 if args.quick else 20, "sd15": 3}
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    tables = []
-    with tempfile.TemporaryDirectory() as folder:
-        for model in models:
-            steps = args.steps if args.steps is not None else default_steps.get(model, 3)
-            only = [m.strip().lower() for m in args.methods.split(",")] if args.methods else None
-            tables.append(benchmark_model(model, steps, device, Path(folder), only))
-            free_memory()
+    patterns = [m.strip() for m in args.methods.split(",") if m.strip()]
+    keys = [k for k in METHODS if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in METHODS)]
+    if unknown or not keys:
+        raise SystemExit(f"unknown method(s) {unknown or patterns}; choose among {', '.join(METHODS)}")
+    rounds = 1 if args.quick else args.rounds
+    default_steps = {"course": 3 if args.quick else 10, "sd15": 2}
+    start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    tables = [benchmark_model(m, keys, args.steps or default_steps.get(m, 2), rounds, device, args.timeout)
+              for m in models]
     table = pd.concat(tables, ignore_index=True)
-    cols = ["model"] + [c for c in table.columns if c != "model"]
-    table = table[cols]
     suffix = "_quick" if args.quick else ""  # a smoke run never overwrites the real results
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"memory_time_{device.type}{suffix}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, float_format="%.6g")
-    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
-        print("\n" + table.drop(columns=[c for c in ("frozen weights (MB)",) if c in table]).to_string(index=False))
+    shown = [c for c in ("model", "method", "trainable parameters", "state per trained entry (B)",
+                         "tracker peak above frozen (MB)", "peak RSS above loaded model (MB)", "median step CPU (s)",
+                         "x plain fwd+bwd", "saved file (MB)", "error") if c in table]
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60,
+                           "display.float_format", "{:.3f}".format):
+        print("\n" + table[shown].to_string(index=False))
     print(f"\nsaved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     results = check_targets(table)
     if results:
         print("\nTargets (SD1.5-sized UNet):")
         for what, ok, value in results:
-            print(f"  {'PASS' if ok else 'FAIL'}  {what}: {value}")
-    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s, CPU time {time.process_time():.0f} s, on {device}"
-          f" ({torch.get_num_threads()} threads; CPU time ~ wall time on an otherwise idle machine)")
+            print(f"  {'INFO' if ok is None else 'PASS' if ok else 'FAIL'}  {what}: {value}")
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s, CPU time of the runs "
+          f"{cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime:.0f} s, on {device} "
+          f"({os.environ.get('OMP_NUM_THREADS', '?')} thread(s) per run)")
     return table
 
 

@@ -7,6 +7,8 @@
 * **progressive adjustment**: how many trained entries froze and how many went
   on training (:func:`churn_by_kind`, :func:`progressive_summary`,
   :func:`plot_progressive`);
+* **memory**: what each option of SaRA's state buys, in bytes per trained entry
+  and in difference from the exact path (:func:`state_bytes_table`, :func:`plot_state_bytes`);
 * **save, load, merge**: file sizes (:func:`file_size_table`) and a check that
   a merged model is a plain model (:func:`plain_model_check`).
 
@@ -260,6 +262,94 @@ def plot_progressive(runs: dict, bins: int = 60):
     return fig
 
 
+# ------------------------------------------------------------------ memory: what each byte per entry buys
+
+# Each row adds one option to the previous one: from the exact state (16 bytes per trained entry)
+# down to the most compact one.
+STATE_OPTIONS = {
+    "exact (default)": {},
+    "no value copy": {"value_copy": False},
+    "+ delta positions": {"value_copy": False, "positions": "delta"},
+    "+ bf16 moments (compact=True)": {"compact": True},
+    "+ 8-bit moments": {"compact": True, "moments": "8bit"},
+}
+
+
+def state_bytes_table(pipe, dataset, *, options: dict | None = None, fraction: float = 0.1, steps: int = 20,
+                      lr: float = 1e-3, batch_size: int = 16, seed: int = 0) -> pd.DataFrame:
+    """Train the same SaRA once per state option: bytes kept per trained entry, and what they change.
+
+    ``options``: ``{label: SaRA keyword arguments}`` (default :data:`STATE_OPTIONS`);
+    the first row is the reference. Every run starts from a copy of ``pipe`` with
+    the same seed and batches. Columns, per trained entry in bytes (counted from
+    the optimizer's tensors after step 1, see :func:`sara_edu.sara.footprint.state_bytes`):
+    ``values``, ``positions``, ``moments``, ``initial`` (starting values the
+    nuclear-norm term needs in 2-D weights) and ``total``; then ``state (MB)``
+    for this model, ``update vs first (%)``: ``‖W − W_first‖ / ‖W_first − W₀‖``
+    after ``steps`` steps (0 = the same weights), and ``final loss`` (mean of the last 5 steps).
+    """
+    import copy
+
+    from ..sara.footprint import state_bytes
+    from ..training.loop import train
+    from ..training.sara import SaRA
+
+    options = STATE_OPTIONS if options is None else options
+    if not isinstance(options, dict) or not options:
+        raise ConfigError("options must be a non-empty dict {label: SaRA keyword arguments}, e.g. "
+                          "{'exact': {}, 'compact': {'compact': True}}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    before = torch.cat([p.detach().reshape(-1).cpu() for p in pipe.unet.parameters()])
+    rows, weights = [], {}
+    for label, kwargs in options.items():
+        work = copy.deepcopy(pipe)
+        counted = {}
+
+        def count(step, pipe, optimizer, counted=counted):
+            if step == 1:
+                counted.update(state_bytes(optimizer))
+
+        history = train(work, dataset, SaRA(fraction=fraction, **kwargs), steps=steps, lr=lr,
+                        batch_size=batch_size, seed=seed, progress=False, callback=count)
+        weights[label] = torch.cat([p.detach().reshape(-1).cpu() for p in work.unet.parameters()])
+        n = counted["trained entries"]
+        rows.append({"option": label, **{part: counted[part] / n for part in ("values", "positions", "moments",
+                                                                               "initial", "total")},
+                     "state (MB)": counted["total"] / MB, "final loss": float(history.loss.tail(5).mean())})
+    first = next(iter(weights.values()))
+    update = float((first - before).norm())
+    for row in rows:
+        row["update vs first (%)"] = 100 * float((weights[row["option"]] - first).norm()) / max(update, 1e-30)
+    columns = ["option", "values", "positions", "moments", "initial", "total", "state (MB)", "update vs first (%)",
+               "final loss"]
+    return pd.DataFrame(rows, columns=columns).set_index("option")
+
+
+def plot_state_bytes(table: pd.DataFrame, title: str = "SaRA's state per trained entry"):
+    """Stacked bars of :func:`state_bytes_table`: bytes per trained entry by part, one bar per option."""
+    import matplotlib.pyplot as plt
+
+    parts = ["values", "positions", "moments", "initial"]
+    if not set(parts + ["total", "update vs first (%)"]) <= set(table.columns):
+        raise ConfigError("expected the table of state_bytes_table(...)")
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(table) + 1.5))
+    left = np.zeros(len(table))
+    colours = plt.get_cmap("tab10")
+    for i, part in enumerate(parts):
+        ax.barh(table.index, table[part], left=left, color=colours(i), label=part)
+        left += table[part].to_numpy()
+    for y, (total, diff) in enumerate(zip(table["total"], table["update vs first (%)"])):
+        ax.text(total + 0.2, y, f"{total:.1f} B   (update differs by {diff:.2g}%)", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.6 * float(table["total"].max()))
+    ax.set_xlabel("bytes kept per trained entry, from step to step")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # ------------------------------------------------------------------ saving, loading, merging
 
 def file_size_table(files: dict) -> pd.DataFrame:
@@ -302,6 +392,6 @@ def max_difference(images_a, images_b) -> float:
 
 
 __all__ = ["mask_figure", "weight_update", "update_spectrum", "matrix_weights", "rank_for_energy", "spectrum_table",
-           "plot_update_spectra", "churn_by_kind", "progressive_summary", "plot_progressive", "file_size_table",
-           "plain_model_check", "max_difference"]
+           "plot_update_spectra", "churn_by_kind", "progressive_summary", "plot_progressive", "STATE_OPTIONS",
+           "state_bytes_table", "plot_state_bytes", "file_size_table", "plain_model_check", "max_difference"]
 

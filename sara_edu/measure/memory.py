@@ -340,6 +340,21 @@ class MemoryTracker:
         for t in _model_tensors(model):  # model weights created in the block but not trained
             self._tag(t, "frozen_weights")
 
+    def live_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Bytes per category of the tensors created in the block that are alive *now*.
+
+        Called between steps (e.g. from a training callback after step 1), the
+        trainable values, optimizer state and method buffers are what the method
+        keeps from step to step: its persistent state, without the batch or
+        other leftovers of the step (those are not classified).
+        """
+        self.snapshot(model, optimizer if optimizer is not None else self.optimizer)
+        out = dict.fromkeys(CATEGORIES + ("frozen_weights",), 0)
+        for key, category in self._tags.items():
+            if key in self._live:
+                out[category] += self._live[key][1]
+        return out
+
     def report(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
         """Split the peak into categories (see the module docstring).
 

@@ -18,8 +18,8 @@ runs the AdamW update in fp32 and encodes them again:
   of its value relative to that scale. Quantising *relative to the block's
   largest value* is what makes 8 bits enough: large and small moments in
   different blocks keep their own scale. Rounding is stochastic as for bf16;
-  a non-zero v never rounds to 0 (it would turn m/√v into m/eps: a huge step),
-  it is kept at least at the smallest float8 (2**-9 of the block's scale).
+  v never rounds to 0 (a non-zero m over a zero v is m/eps: a huge step); it
+  is kept at least at the smallest float8 (2**-9 / 448 of the block's scale).
   We use torch's native float8 casts rather than a 256-entry code book: a
   nearest-code search (``bucketize``) costs ~20x more per entry on a CPU.
 
@@ -44,6 +44,7 @@ _FP8 = torch.float8_e4m3fn
 _FP8_MAX = 448.0  # the largest float8_e4m3fn
 _FP8_TINY = 2.0**-9  # its smallest positive (subnormal) value
 _DROPPED_BITS = {torch.bfloat16: 16, _FP8: 20}  # fp32 mantissa bits below the kept ones
+_TABLE = 1 << 16  # random numbers drawn per stochastic rounding (see _plus_random_bits)
 
 
 def check_moment_kind(kind) -> str:
@@ -105,11 +106,29 @@ def _round(x: torch.Tensor, dtype, generator) -> torch.Tensor:
     if generator is None:
         return x.to(dtype)
     bits = _DROPPED_BITS[dtype]
-    noise = torch.randint(0, 1 << bits, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    # Adding below the kept bits and truncating rounds the magnitude up with probability equal to
-    # the dropped fraction (sign-magnitude format: it works the same for negatives).
-    pattern = x.view(torch.int32).add(noise).bitwise_and_(-(1 << bits))
+    # Adding random bits below the kept ones and truncating rounds the magnitude up with probability
+    # equal to the dropped fraction (sign-magnitude format: it works the same for negatives).
+    pattern = _plus_random_bits(x.view(torch.int32), bits, generator).bitwise_and_(-(1 << bits))
     return pattern.view(torch.float32).to(dtype)
+
+
+def _plus_random_bits(pattern: torch.Tensor, bits: int, generator) -> torch.Tensor:
+    """``pattern + U[0, 2**bits)`` per entry, drawing one fresh table of 65,536 numbers per call.
+
+    Entry ``i`` takes the table's entry ``i mod 65,536``: across steps every entry gets an
+    independent uniform draw (what unbiased rounding needs), at a quarter of the cost of
+    drawing a number per entry (~1 instead of ~4.5 ns per entry on a CPU).
+    """
+    n = pattern.numel()
+    table = torch.randint(0, 1 << bits, (min(n, _TABLE),), dtype=torch.int32, device=pattern.device,
+                          generator=generator)
+    if n <= _TABLE:
+        return pattern + table
+    out = torch.empty_like(pattern)
+    full = n - n % _TABLE
+    torch.add(pattern[:full].view(-1, _TABLE), table, out=out[:full].view(-1, _TABLE))
+    torch.add(pattern[full:], table[: n - full], out=out[full:])
+    return out
 
 
 def _blocks(x: torch.Tensor):
@@ -143,9 +162,10 @@ def _quantize(x: torch.Tensor, generator, floor: bool):
     scales = _block_scales(x)
     # An all-zero block keeps scale 0 and codes 0; dividing by 1 there avoids 0/0.
     normed = _per_block(x, _FP8_MAX / torch.where(scales > 0, scales, torch.ones_like(scales)))
-    normed.clamp_(-_FP8_MAX, _FP8_MAX)
-    if floor:  # v: a non-zero value must not become 0 (see module docstring)
-        normed = torch.where(normed > 0, normed.clamp(min=_FP8_TINY), normed)
+    if floor:  # v >= 0: a non-zero value must not become 0 (see module docstring); 0 may become tiny
+        normed.clamp_(min=_FP8_TINY)
+    else:  # |x| <= scale, so |normed| <= 448 but for the last bit of rounding
+        normed.clamp_(-_FP8_MAX, _FP8_MAX)
     return _round(normed, _FP8, generator), scales
 
 

@@ -44,7 +44,12 @@ from .attach import (
     mark_attached,
     release_model,
 )
-from .compact_step import compact_adamw_step, current_values, placeholder, placeholder_data
+from .compact_step import (
+    compact_adamw_step,
+    current_values,
+    placeholder,
+    placeholder_data,
+)
 from .moments import check_moment_kind, convert_moments, moment_kind
 from .nuclear import nuclear_norm_grad
 from .positions import check_position_kind, encode_positions

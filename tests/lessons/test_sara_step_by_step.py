@@ -160,3 +160,24 @@ def test_mask_figure_and_max_difference():
     with pytest.raises(ConfigError):
         lessons.max_difference(a, b[:1])
     plt.close("all")
+
+
+def test_state_bytes_table_shows_what_each_option_keeps_and_changes(tiny_pipe):
+    from sara_edu.world.data import StyleDataset
+
+    data = StyleDataset(None, digits=[0, 1], limit_per_digit=2)
+    options = {"exact": {}, "compact": {"compact": True}, "compact 8-bit": {"compact": True, "moments": "8bit"}}
+    table = lessons.state_bytes_table(tiny_pipe, data, options=options, fraction=0.1, steps=2, lr=1e-3,
+                                      batch_size=2)
+    assert list(table.index) == list(options)
+    parts = table[["values", "positions", "moments", "initial"]].sum(axis=1)
+    np.testing.assert_allclose(parts, table.total)
+    assert 16 <= table.total["exact"] < 22  # 16 bytes + the nuclear-norm term's starting values of 2-D weights
+    assert table["values"]["exact"] == pytest.approx(4, abs=0.01) and table["values"]["compact"] < 0.01
+    assert table.positions["compact"] < 1.25 < 4 <= table.positions["exact"]
+    assert table.total["compact 8-bit"] < table.total["compact"] <= 8
+    assert table["update vs first (%)"]["exact"] == 0
+    assert 0 < table["update vs first (%)"]["compact"] < table["update vs first (%)"]["compact 8-bit"] < 20
+    assert lessons.plot_state_bytes(table) is not None
+    with pytest.raises(ConfigError, match="options"):
+        lessons.state_bytes_table(tiny_pipe, data, options={})

@@ -203,3 +203,23 @@ def test_measure_step_time_is_the_median_after_warmup():
     assert 0.015 <= t < 0.045
     with pytest.raises(ConfigError):
         measure_step_time(fn, repeats=0)
+
+
+def test_live_bytes_counts_what_the_optimizer_keeps_between_steps():
+    from torch import nn
+
+    from sara_edu.measure.memory import MemoryTracker
+
+    model = nn.Linear(64, 32)
+    with MemoryTracker(model=model) as tracker:
+        opt = torch.optim.AdamW(model.parameters())
+        tracker.watch(opt)
+        leftover = torch.ones(1000)  # made during the step, not classified: not state
+        model(torch.randn(4, 64)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        live = tracker.live_bytes(model, opt)
+    n = sum(p.numel() for p in model.parameters())
+    assert live["optimizer_state"] == 2 * 4 * n + 2 * 4  # exp_avg, exp_avg_sq, step counters
+    assert live["trainable_values"] == 0  # the weights existed before: not created by the method
+    assert leftover.numel() and live["activations_transients"] == 0

@@ -119,7 +119,8 @@ def test_8bit_moments_are_blockwise_and_keep_small_v_nonzero():
     # within 1/16 relative for entries within 1e-3 of their block's largest (e4m3: 3 significant bits)
     big = m.abs() >= 1e-3 * torch.repeat_interleave(state["exp_avg_scale"], BLOCK)[:n]
     assert ((m2 - m).abs() <= m.abs() / 16 + 1e-12)[big].all()
-    assert (v2[v > 0] > 0).all() and v2[5] == 0  # never m/eps: a non-zero v stays non-zero
+    assert (v2 > 0).all()  # never m/eps: v is kept at least at the smallest float8 of its block
+    assert v2[5] <= 2**-9 / 448 * state["exp_avg_sq_scale"][0]
     keep = torch.rand(n, generator=g) < 0.5
     keep_entries(state, keep)
     m3, _ = load_moments(state)
