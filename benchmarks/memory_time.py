@@ -469,13 +469,20 @@ def run_worker(model: str, key: str, steps: int, tracked: bool, device) -> dict:
 
 
 # ------------------------------------------------------------------- the parent: rounds of fresh processes
-def run_in_fresh_process(model, key, steps, tracked, device, timeout) -> dict:
+# glibc's default mmap threshold rises to the size of the largest block freed so far (up to 32 MiB), so
+# that later tensors come from the heap, whose freed holes stay resident: RSS then measures the
+# allocator's fragmentation as much as the method. With a fixed threshold every large tensor is its
+# own mapping, returned to the OS when freed: RSS follows the live memory.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_in_fresh_process(model, key, steps, tracked, device, timeout, extra_env=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--models", model, "--methods", key,
                "--steps", str(steps), "--device", device.type, "--out", str(out)] + (["--tracked"] if tracked else [])
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
+               "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1"), **(extra_env or {})}
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -487,7 +494,7 @@ def run_in_fresh_process(model, key, steps, tracked, device, timeout) -> dict:
         return json.loads(out.read_text())
 
 
-def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset()) -> pd.DataFrame:
+def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(), fixed_mmap=()) -> pd.DataFrame:
     print(f"\n== {model}: {len(keys)} methods x {rounds} rounds, {WARMUP_STEPS} warm-up + {steps} timed steps "
           "each, one fresh process per run ==", flush=True)
     runs = {key: [] for key in keys}
@@ -502,6 +509,12 @@ def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(
             print(f"  round {r + 1} {key:<20s} {time.perf_counter() - t0:6.0f} s  "
                   f"peak RSS {row.get('peak RSS above loaded model (MB)', math.nan):9.0f} MB  "
                   f"step CPU {pd.Series(cpu).median():7.3f} s  {row.get('error', '')}", flush=True)
+    fixed = {}
+    for key in [k for k in keys if k in fixed_mmap]:  # one more run each, with a fixed mmap threshold
+        fixed[key] = row = run_in_fresh_process(model, key, steps, tracked=False, device=device, timeout=timeout,
+                                                extra_env=FIXED_MMAP_THRESHOLD)
+        print(f"  fixed mmap threshold {key:<20s} peak RSS {row.get('peak RSS above loaded model (MB)', math.nan):9.0f}"
+              f" MB  {row.get('error', '')}", flush=True)
     rows = []
     for key in keys:
         ok = [r for r in runs[key] if "error" not in r]
@@ -516,6 +529,10 @@ def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(
         row["median optimizer.step CPU (s)"] = float(pd.Series(
             [t for r in ok for t in r["step optimizer CPU times (s)"]]).median())
         row["timed steps"] = sum(len(r["step CPU times (s)"]) for r in ok)
+        if "error" not in fixed.get(key, {"error": None}):
+            row["peak RSS above loaded model, fixed mmap threshold (MB)"] = \
+                fixed[key]["peak RSS above loaded model (MB)"]
+            row["median step CPU, fixed mmap threshold (s)"] = float(pd.Series(fixed[key]["step CPU times (s)"]).median())
         rows.append(row)
     table = pd.DataFrame(rows)
     # On a CPU the ratio uses process CPU time: other processes on a shared machine
@@ -543,12 +560,14 @@ def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | N
             compact = key.startswith("sara-compact") or key == "sara-linear-compact"
             results.append((f"{key}: persistent state per trained entry" + (" <= 8 B" if compact else ""),
                             (b <= 8) if compact else None, f"{b:.2f} B"))
-    full_rss = val("full", "peak RSS above loaded model (MB)")
-    for key in ("sara-compact", "sara-compact8", "sara"):
-        rss = val(key, "peak RSS above loaded model (MB)")
-        if rss is not None and full_rss:
-            results.append((f"{key}: peak RSS <= 0.10x full fine-tuning's", rss <= 0.10 * full_rss,
-                            f"{rss / full_rss:.3f}x ({rss:.0f} / {full_rss:.0f} MB)"))
+    for column, how in (("peak RSS above loaded model (MB)", "glibc default"),
+                        ("peak RSS above loaded model, fixed mmap threshold (MB)", "fixed mmap threshold")):
+        full_rss = val("full", column)
+        for key in ("sara-compact", "sara-compact8", "sara"):
+            rss = val(key, column)
+            if rss is not None and full_rss:
+                results.append((f"{key}: peak RSS <= 0.10x full fine-tuning's ({how})", rss <= 0.10 * full_rss,
+                                f"{rss / full_rss:.3f}x ({rss:.0f} / {full_rss:.0f} MB)"))
     for key in [k for k in t.index if k.startswith("sara")]:
         x = val(key, "x plain fwd+bwd")
         if x is not None:
@@ -572,6 +591,27 @@ def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | N
     return results
 
 
+def markdown_table(table: pd.DataFrame) -> str:
+    """The README's table: one row per (model, method), the columns the targets are about."""
+    cols = [("model", "model", "{}"), ("method", "method", "{}"), ("trainable parameters", "trainable", "{:,.0f}"),
+            ("state per trained entry (B)", "state B/entry", "{:.2f}"),
+            ("tracker peak above frozen (MB)", "tracker peak MB", "{:,.0f}"),
+            ("peak RSS above loaded model (MB)", "peak RSS MB", "{:,.0f}"),
+            ("peak RSS above loaded model, fixed mmap threshold (MB)", "peak RSS MB, fixed mmap", "{:,.0f}"),
+            ("median step CPU (s)", "CPU s/step", "{:.3g}"), ("x plain fwd+bwd", "x plain", "{:.2f}"),
+            ("saved file (MB)", "file MB", "{:.3g}")]
+    cols = [c for c in cols if c[0] in table]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |",
+             "|" + "|".join("---" if c in ("model", "method") else "---:" for c, _, _ in cols) + "|"]
+    for _, row in table.iterrows():
+        cells = []
+        for c, _, fmt in cols:
+            v = row.get(c)
+            cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="course,sd15", help="comma-separated: course, sd15")
@@ -587,9 +627,20 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run before giving up on it")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/memory_time_<device>.csv)")
+    parser.add_argument("--fixed-mmap", default="",
+                        help="methods (keys or patterns) that get one more run with glibc's mmap threshold fixed "
+                             f"({FIXED_MMAP_THRESHOLD}), for the peak RSS without heap fragmentation")
+    parser.add_argument("--table-from", default=None,
+                        help="print the markdown table and targets of an earlier run's CSV, run nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tracked", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table_from:
+        table = pd.read_csv(args.table_from)
+        print(markdown_table(table))
+        for what, ok, value in check_targets(table):
+            print(f"  {'INFO' if ok is None else 'PASS' if ok else 'FAIL'}  {what}: {value}")
+        return table
     device = pick_device(args.device)
     if args.worker:  # one model, one method, in this fresh process
         row = run_worker(args.models, args.methods, args.steps, args.tracked, device)
@@ -604,9 +655,11 @@ def main(argv=None):
     rounds = 1 if args.quick else args.rounds
     default_steps = {"course": 3 if args.quick else 10, "sd15": 2}
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    once = {k for k in keys if any(fnmatch.fnmatchcase(k, p.strip()) for p in args.once.split(",") if p.strip())}
-    tables = [benchmark_model(m, keys, args.steps or default_steps.get(m, 2), rounds, device, args.timeout, once)
-              for m in models]
+    def matching(patterns):
+        return {k for k in keys if any(fnmatch.fnmatchcase(k, p.strip()) for p in patterns.split(",") if p.strip())}
+
+    tables = [benchmark_model(m, keys, args.steps or default_steps.get(m, 2), rounds, device, args.timeout,
+                              matching(args.once), matching(args.fixed_mmap)) for m in models]
     table = pd.concat(tables, ignore_index=True)
     suffix = "_quick" if args.quick else ""  # a smoke run never overwrites the real results
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"memory_time_{device.type}{suffix}.csv"
@@ -618,7 +671,8 @@ def main(argv=None):
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60,
                            "display.float_format", "{:.3f}".format):
         print("\n" + table[shown].to_string(index=False))
-    print(f"\nsaved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(f"\nsaved {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}\n")
+    print(markdown_table(table))
     results = check_targets(table)
     if results:
         print("\nTargets (SD1.5-sized UNet):")

@@ -70,6 +70,20 @@ def adamw_math_(param, grad, exp_avg, exp_avg_sq, step: float, lr: float, beta1:
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def init_state(optimizer) -> None:
+    """Create every weight's moments (zeros) and step counter now, not at its first step.
+
+    The long-lived state is then allocated in one go at attach time, before the
+    step's transients come and go; allocated lazily, in between them, it leaves
+    holes in the heap that the process keeps as resident memory.
+    """
+    for slot in optimizer.slots:
+        state = optimizer.state[slot.values]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            init_moments(state, slot.count, optimizer.moments, slot.param.device)
+
+
 @torch.no_grad()
 def compact_adamw_step(optimizer) -> None:
     """AdamW on every weight with a gathered gradient, then scatter into the weights."""
@@ -85,7 +99,7 @@ def compact_adamw_step(optimizer) -> None:
             continue
         group = group_of[slot.values]
         state = optimizer.state[slot.values]
-        if not state:
+        if not state:  # e.g. resumed from a checkpoint saved before this weight's first step
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             init_moments(state, grad.numel(), optimizer.moments, grad.device)
         idx = slot.idx  # decoded once for this layer

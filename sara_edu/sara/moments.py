@@ -84,20 +84,39 @@ def load_moments(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def store_moments(state: dict, kind: str, m: torch.Tensor, v: torch.Tensor, generator) -> None:
-    """Encode fp32 ``m``, ``v`` into ``state`` as ``kind``; ``generator=None`` rounds to nearest."""
+    """Encode fp32 ``m``, ``v`` into ``state`` as ``kind``; ``generator=None`` rounds to nearest.
+
+    Tensors of the right format and size are overwritten in place: the long-lived
+    moments keep their memory from step to step, and only a layer's transients
+    come and go (replacing them each step fragments the heap and raises the
+    process's resident memory).
+    """
     if kind == "fp32":
-        state["exp_avg"], state["exp_avg_sq"] = m.float(), v.float()  # the same tensors when already fp32
+        _put(state, "exp_avg", m.float())  # nothing to do when m is the stored tensor, updated in place
+        _put(state, "exp_avg_sq", v.float())
         for key in ("exp_avg_scale", "exp_avg_sq_scale"):
             state.pop(key, None)
         return
     if kind == "bf16":
-        state["exp_avg"] = _round(m, torch.bfloat16, None)
-        state["exp_avg_sq"] = _round(v, torch.bfloat16, generator)
+        _put(state, "exp_avg", _round(m, torch.bfloat16, None))
+        _put(state, "exp_avg_sq", _round(v, torch.bfloat16, generator))
         for key in ("exp_avg_scale", "exp_avg_sq_scale"):
             state.pop(key, None)
         return
-    state["exp_avg"], state["exp_avg_scale"] = _quantize(m, None, floor=False)
-    state["exp_avg_sq"], state["exp_avg_sq_scale"] = _quantize(v, generator, floor=True)
+    for key, x, gen, floor in (("exp_avg", m, None, False), ("exp_avg_sq", v, generator, True)):
+        codes, scales = _quantize(x, gen, floor)
+        _put(state, key, codes)
+        _put(state, f"{key}_scale", scales)
+
+
+def _put(state: dict, key: str, value: torch.Tensor) -> None:
+    old = state.get(key)
+    if old is value:
+        return
+    if old is not None and old.dtype == value.dtype and old.shape == value.shape and old.device == value.device:
+        old.copy_(value)
+    else:
+        state[key] = value
 
 
 def _round(x: torch.Tensor, dtype, generator) -> torch.Tensor:

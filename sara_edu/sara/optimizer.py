@@ -47,6 +47,7 @@ from .attach import (
 from .compact_step import (
     compact_adamw_step,
     current_values,
+    init_state,
     placeholder,
     placeholder_data,
 )
@@ -237,6 +238,8 @@ class SaRAAdamW(torch.optim.AdamW):
                         for v in values)
         super().__init__(values, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          fused=fused or None, foreach=None if (fused or self._own_step) else True)
+        if self._own_step:
+            init_state(self)  # the moments now, in one go (see compact_step.init_state)
         # Only now touch the model, so a failed construction leaves it as it was.
         model.requires_grad_(False)
         for slot in self.slots:
@@ -425,7 +428,8 @@ class SaRAAdamW(torch.optim.AdamW):
     def config(self) -> dict:
         sel = self.selection
         return {"method": "sara", "mode": sel.mode, "requested": sel.requested, "rank_lambda": self.rank_lambda,
-                "progressive_iter": self.progressive_iter, "steps_done": self.steps_done}
+                "progressive_iter": self.progressive_iter, "steps_done": self.steps_done,
+                "state": {"value_copy": self.value_copy, "positions": self.positions, "moments": self.moments}}
 
 
 class _TrainedPositions(Mapping):
