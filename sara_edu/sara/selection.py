@@ -40,10 +40,14 @@ _BINS = 1 << 16
 # --------------------------------------------------------------------------- what to consider
 
 
-def considered_parameters(model: nn.Module, target_modules=None, layer_types=None) -> list[tuple[str, nn.Parameter]]:
+def considered_parameters(model: nn.Module, target_modules=None, layer_types=None,
+                          include_frozen: bool = False) -> list[tuple[str, nn.Parameter]]:
     """The ``(name, parameter)`` pairs SaRA may train, in ``named_parameters`` order.
 
-    By default every floating-point parameter (like the authors' release).
+    By default every floating-point parameter that requires grad (like the
+    authors' release, which trains the whole UNet): a part the user froze with
+    ``requires_grad_(False)`` before attaching stays frozen, unless
+    ``include_frozen=True``.
     ``target_modules``: a string or list of strings; a parameter is kept when one of
     them matches its full name with :func:`re.search` (so plain substrings such as
     ``"attn"`` or ``"ff"`` work, and so do regexes such as ``r"attn\\d\\.to_[qkv]"``).
@@ -67,14 +71,23 @@ def considered_parameters(model: nn.Module, target_modules=None, layer_types=Non
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
                 owner_ok[full] = isinstance(mod, layer_types)
     out = []
+    frozen = 0
     for name, p in model.named_parameters():
         if not p.is_floating_point():
+            continue
+        if not (p.requires_grad or include_frozen):
+            frozen += 1
             continue
         if patterns is not None and not any(pat.search(name) for pat in patterns):
             continue
         if layer_types is not None and not owner_ok.get(name, False):
             continue
         out.append((name, p))
+    if not out and frozen and frozen == sum(p.is_floating_point() for p in model.parameters()):
+        raise ConfigError(
+            f"every parameter of this {type(model).__name__} has requires_grad=False, and SaRA leaves frozen "
+            "parameters frozen. Unfreeze what should train (model.requires_grad_(True)) or pass "
+            "include_frozen=True.")
     if not out:
         example = next((n for n, _ in model.named_parameters()), "<no parameters>")
         raise ConfigError(
@@ -250,15 +263,17 @@ def check_selection_args(threshold=None, fraction=None, per_layer=False) -> None
 
 @torch.no_grad()
 def select_parameters(model: nn.Module, threshold: float | None = None, fraction: float | None = None,
-                      per_layer: bool = False, target_modules=None, layer_types=None) -> Selection:
+                      per_layer: bool = False, target_modules=None, layer_types=None,
+                      include_frozen: bool = False) -> Selection:
     """Select the small-magnitude entries of ``model`` (see module docstring).
 
     Exactly one of ``threshold`` (absolute θ) and ``fraction`` must be given.
+    Parameters with ``requires_grad=False`` are left out unless ``include_frozen``.
     Raises :class:`ConfigError` for bad values and when nothing is selected
     (the message suggests a threshold from the weights' quantiles).
     """
     check_selection_args(threshold, fraction, per_layer)
-    params = considered_parameters(model, target_modules, layer_types)
+    params = considered_parameters(model, target_modules, layer_types, include_frozen)
     names = [n for n, _ in params]
     shapes = {n: tuple(p.shape) for n, p in params}
     extra = {}
