@@ -63,7 +63,7 @@ class SelectedGrad(torch.Tensor):
     def _like(self, values) -> SelectedGrad:
         return SelectedGrad(self.shape, self.positions, values, self.weight_name, self.guard)
 
-    def to_dense(self, masked_grad=None) -> torch.Tensor:  # noqa: ARG002 (torch's signature)
+    def to_dense(self, masked_grad=None) -> torch.Tensor:  # torch's signature; masked_grad is unused
         """The dense gradient (zeros off the selection); allocates a full copy of the weight."""
         out = torch.zeros(self.shape.numel(), dtype=self.dtype, device=self.device)
         out.scatter_(0, self.positions.long(), self.values)
@@ -74,8 +74,8 @@ class SelectedGrad(torch.Tensor):
                 f"dtype={self.dtype})")
 
     def __reduce_ex__(self, protocol):
-        raise ConfigError(f"the gradient of {self.weight_name!r} is SaRA's SelectedGrad and is not saved with the model; "
-                          "save the optimizer's state_dict() (it holds everything needed to resume)")
+        raise ConfigError(f"the gradient of {self.weight_name!r} is SaRA's SelectedGrad and is not saved with the "
+                          "model; save the optimizer's state_dict() (it holds everything needed to resume)")
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -95,8 +95,8 @@ def _first(args) -> SelectedGrad:
 
 def _unsupported(func, args) -> str:
     g = _first(args)
-    return (f"the gradient of {g.weight_name!r} is SaRA's SelectedGrad (only its {g.values.numel():,} trained entries are "
-            f"stored; the rest of the weight does not train), and {func.overloadpacket.__name__} is not supported on "
+    return (f"the gradient of {g.weight_name!r} is SaRA's SelectedGrad (only its {g.values.numel():,} trained "
+            f"entries are stored; the rest of the weight does not train), and {func.overloadpacket.__name__} is not supported on "
             "it. Supported: norms and clip_grad_norm_/clip_grad_value_, in-place scaling (mul_, div_), clamp_, "
             "zero_ and zero_grad(). For a dense copy use p.grad.to_dense(); the optimizer's own gradients are "
             "[v.grad for v in optimizer.param_groups[0]['params']].")
@@ -110,8 +110,8 @@ def _as_entries(other, g: SelectedGrad):
         return other.values
     if isinstance(other, torch.Tensor) and other.numel() != 1:
         if tuple(other.shape) != tuple(g.shape):
-            raise ConfigError(f"cannot combine the SaRA gradient of {g.weight_name!r} {tuple(g.shape)} with a tensor of "
-                              f"shape {tuple(other.shape)}")
+            raise ConfigError(f"cannot combine the SaRA gradient of {g.weight_name!r} {tuple(g.shape)} with a "
+                              f"tensor of shape {tuple(other.shape)}")
         return other.reshape(-1).index_select(0, g.positions)
     return other
 
@@ -145,7 +145,8 @@ def _inplace(op):
 def _clamp_(func, g, min=None, max=None):
     # the unselected entries are exact zeros: the clamp must leave zero where it is
     if (min is not None and float(min) > 0) or (max is not None and float(max) < 0):
-        raise ConfigError(f"clamping SaRA's gradient of {g.weight_name!r} to [{min}, {max}] would move its untrained zeros")
+        raise ConfigError(f"clamping SaRA's gradient of {g.weight_name!r} to [{min}, {max}] would move its "
+                          "untrained zeros")
     g.values.clamp_(min=min, max=max)
     return g
 

@@ -88,7 +88,7 @@ def test_tiny_max_norm_changes_the_weights_and_clip_value_works():
 
 
 def test_selected_grad_is_clear_about_what_it_is_and_refuses_other_ops(pair):
-    unet, ref, opt = pair
+    unet, _, opt = pair
     _loss(unet, _batch(torch.float64)).backward()
     slot = next(s for s in opt.slots if s.idx.numel() > 10)
     g = slot.param.grad
