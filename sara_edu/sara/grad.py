@@ -96,9 +96,10 @@ def _first(args) -> SelectedGrad:
 def _unsupported(func, args) -> str:
     g = _first(args)
     return (f"the gradient of {g.weight_name!r} is SaRA's SelectedGrad (only its {g.values.numel():,} trained "
-            f"entries are stored; the rest of the weight does not train), and {func.overloadpacket.__name__} is not "
-            "supported on it. Supported: norms and clip_grad_norm_/clip_grad_value_, in-place scaling (mul_, div_), clamp_, "
-            "zero_ and zero_grad(). For a dense copy use p.grad.to_dense(); the optimizer's own gradients are "
+            "entries are stored; the rest of the weight does not train), and "
+            f"{func.overloadpacket.__name__} is not supported on it. Supported: norms and "
+            "clip_grad_norm_/clip_grad_value_, in-place scaling (mul_, div_), clamp_, zero_ and zero_grad(). "
+            "For a dense copy use p.grad.to_dense(); the optimizer's own gradients are "
             "[v.grad for v in optimizer.param_groups[0]['params']].")
 
 
