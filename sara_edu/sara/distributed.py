@@ -104,6 +104,12 @@ def launched_world_size() -> int:
         return 1
 
 
+def distributed_run() -> bool:
+    """A process group exists, or a launcher started several processes (it may be created later)."""
+    dist = torch.distributed
+    return (dist.is_available() and dist.is_initialized()) or launched_world_size() > 1
+
+
 # ------------------------------------------------------------------ refusing what cannot work
 
 

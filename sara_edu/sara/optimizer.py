@@ -54,8 +54,7 @@ from .distributed import (
     GradientSync,
     check_runtime,
     check_supported_setup,
-    launched_world_size,
-    world_size,
+    distributed_run,
 )
 from .grad import SelectedGrad
 from .nuclear import nuclear_norm_grad
@@ -209,7 +208,7 @@ class SaRAAdamW(torch.optim.AdamW):
             if slot.idx.numel():
                 self._hook(slot)
         self._ddp = None
-        if world_size() > 1 or launched_world_size() > 1:  # several processes: DDP may wrap the model
+        if distributed_run():  # DDP may wrap the model: keep it away from SaRA's weights
             self._ddp = DDPCompanion(model, [s.name for s in self.slots if s.idx.numel()], self.sync)
         mark_attached(model, [s.param for s in self.slots], self)
 

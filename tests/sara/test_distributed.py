@@ -121,6 +121,9 @@ def test_ddp_never_holds_sara_weights_and_only_selected_values_travel(ddp_runs):
     assert ddp["bytes_communicated"] > n_steps * 4 * ddp["trainable_now"]
     assert facts["attach_after_wrapping"].startswith("ConfigError") and "bare model" in facts["attach_after_wrapping"]
     assert facts["clip_inside_no_sync"].startswith("ConfigError") and "no_sync" in facts["clip_inside_no_sync"]
+    for rank in ("rank0", "rank1"):
+        assert ddp_runs[rank][1]["different_weights"].startswith("ConfigError: the processes attached SaRA to "
+                                                                 "different weights")
 
 
 # ----------------------------------------------------------------- accelerate launch, the diffusers loop

@@ -249,6 +249,27 @@ def test_replaced_weights_and_sharded_parameters_are_refused():
         SaRAAdamW(zero3, lr=1e-3, fraction=0.5)
 
 
+def test_on_several_processes_ddp_is_kept_away_and_detach_cleans_up(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, before init_process_group
+    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    opt = SaRAAdamW(model, lr=1e-3, fraction=0.3)
+    trained = [s.name for s in opt.slots if s.idx.numel()]
+    assert model._ddp_params_and_buffers_to_ignore == trained
+    # one parameter SaRA does not train (the smallest) requires grad until the first forward: DDP can be built
+    spare = [p for n, p in model.named_parameters() if n not in trained]
+    anchors = [p for p in spare if p.requires_grad]
+    assert len(anchors) == 1 and anchors[0].numel() == min(p.numel() for p in spare)
+    anchor = anchors[0]
+    with torch.no_grad():
+        model(torch.randn(2, 6))
+    assert anchor.requires_grad  # a forward without grad (validation) changes nothing
+    model(torch.randn(2, 6)).sum().backward()
+    assert not anchor.requires_grad and anchor.grad is None
+    opt.detach()
+    assert "_ddp_params_and_buffers_to_ignore" not in model.__dict__
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_a_lone_process_of_a_multi_process_launch_refuses_to_train(monkeypatch):
     model = nn.Linear(6, 2)
     opt = SaRAAdamW(model, lr=1e-3, fraction=0.5)

@@ -91,6 +91,22 @@ def clip_inside_no_sync(world):
         return f"{type(e).__name__}: {e}"
 
 
+def different_weights(world):
+    """Ranks that attach to different weights must refuse at the first synchronisation, on every rank."""
+    if world == 1:
+        return "single process"
+    model, opt = build()
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            model.norm.weight.add_(1e-3)  # a frozen weight: the selection is the same, the model is not
+    x, y = batch(0, 0, dist.get_rank(), world)
+    try:
+        nn.functional.mse_loss(model(x), y).backward()
+        return "no error"
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
+
 def attach_after_wrapping(world):
     """SaRAAdamW on a model already inside DDP must refuse (its reducer would hold dense buckets)."""
     if world == 1:
@@ -144,6 +160,7 @@ def main(out_dir):
 
     facts["attach_after_wrapping"] = attach_after_wrapping(world)
     facts["clip_inside_no_sync"] = clip_inside_no_sync(world)
+    facts["different_weights"] = different_weights(world)
     name = f"rank{rank}" if world > 1 else "single"
     save_file(record, os.path.join(out_dir, f"{name}.safetensors"))
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
