@@ -111,13 +111,20 @@ class ImageFolderDataset(TensorImageDataset):
     """A folder in the paper's format: image files + ``metadata.jsonl``.
 
     Each line of ``metadata.jsonl`` is ``{"file_name": "0001.png", "text": "a prompt"}``
-    (the Hugging Face ``imagefolder`` convention the authors' datasets use).
-    Images are resized to ``size`` and scaled to [-1, 1].
+    (the Hugging Face ``imagefolder`` convention the authors' datasets use), in UTF-8.
+    Images of any Pillow mode are scaled by their own range (16-bit, float, alpha:
+    see :mod:`sara_edu.world.image_files`), resized to ``size`` and mapped to [-1, 1].
+    A bad line, a file name leaving the folder or an unreadable image raises
+    :class:`DataError` naming the file and line.
     """
 
     def __init__(self, folder, size: int = IMAGE_SIZE, caption_column: str = "text"):
-        from PIL import Image, UnidentifiedImageError
+        from .image_files import image_path, read_metadata_rows, read_rgb
+        from .sampling import check_int
 
+        size = check_int(size, "size", 1, hint="the side in pixels images are resized to")
+        if not isinstance(caption_column, str) or not caption_column:
+            raise DataError(f"caption_column must be the name of the caption key, e.g. 'text', got {caption_column!r}")
         folder = Path(folder)
         meta = folder / "metadata.jsonl"
         if not folder.is_dir():
@@ -125,29 +132,15 @@ class ImageFolderDataset(TensorImageDataset):
         if not meta.exists():
             raise DataError(f"{folder} has no metadata.jsonl; add one line per image: "
                             '{"file_name": "0001.png", "text": "your caption"}')
-        rows = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append((row["file_name"], row[caption_column]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{meta}:{n} is not a JSON object with 'file_name' and "
-                                f"'{caption_column}': {line[:80]!r}") from e
+        rows = read_metadata_rows(meta, caption_column)
         if not rows:
             raise DataError(f"{meta} lists no images; the folder is empty")
         images = []
-        for name, _ in rows:
-            path = folder / name
-            try:
-                img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
-            except FileNotFoundError as e:
-                raise DataError(f"{meta} names {name}, which is not in {folder}") from e
-            except UnidentifiedImageError as e:
-                raise DataError(f"{path} is not an image file PIL can read") from e
-            images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
-        super().__init__(torch.stack(images), [t for _, t in rows])
+        for name, _, n in rows:
+            where = f"{meta}:{n}"
+            rgb = read_rgb(image_path(folder, name, where), size, where)
+            images.append(torch.from_numpy(rgb * 2 - 1).permute(2, 0, 1))
+        super().__init__(torch.stack(images), [text for _, text, _ in rows])
 
 
 def export_image_folder(dataset: TensorImageDataset, folder) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..io import describe_mismatch, load_tensors, save_tensors
 from .paths import PRETRAINED_DIR
 from .text import EMBED_DIM, TinyTextEncoder
@@ -146,12 +146,12 @@ def generate(pipe: TinyDiffusion, prompts, steps: int = 25, seed: int = 0, guida
     """
     from diffusers import DDIMScheduler
 
-    from ..errors import ConfigError
+    from .sampling import check_sampling_args
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
+    check_pipe(pipe, "generate")
+    max_steps = int(pipe.scheduler_config.get("num_train_timesteps", SCHEDULER_CONFIG["num_train_timesteps"]))
+    prompts, steps, seed, guidance_scale, batch_size = check_sampling_args(
+        prompts, steps, seed, guidance_scale, batch_size, max_steps)
     unet, device = pipe.unet, pipe.device
     cfg = unet.config
     scheduler = DDIMScheduler(**pipe.scheduler_config)
@@ -160,17 +160,47 @@ def generate(pipe: TinyDiffusion, prompts, steps: int = 25, seed: int = 0, guida
     out = []
     was_training = unet.training
     unet.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        cond = pipe.encode(chunk).to(dtype)
-        uncond = pipe.encode([""] * len(chunk)).to(dtype)
-        x = torch.stack([torch.randn(cfg.in_channels, cfg.sample_size, cfg.sample_size,
-                                     generator=torch.Generator().manual_seed(seed + start + i))
-                         for i in range(len(chunk))]).to(device, dtype)
-        for t in scheduler.timesteps:
-            eps = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
-            e_u, e_c = eps.chunk(2)
-            x = scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
-        out.append(x.float().clamp(-1, 1).cpu())
-    unet.train(was_training)
-    return torch.cat(out)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            cond = pipe.encode(chunk).to(dtype)
+            uncond = pipe.encode([""] * len(chunk)).to(dtype)
+            x = torch.stack([torch.randn(cfg.in_channels, cfg.sample_size, cfg.sample_size,
+                                         generator=torch.Generator().manual_seed(seed + start + i))
+                             for i in range(len(chunk))]).to(device, dtype)
+            for t in scheduler.timesteps:
+                eps = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
+                e_u, e_c = eps.chunk(2)
+                x = scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
+            out.append(x.float().clamp(-1, 1).cpu())
+    finally:
+        unet.train(was_training)
+    images = torch.cat(out)
+    if not torch.isfinite(images).all():
+        raise FloatingPointError(f"generate produced NaN or infinite pixels. {non_finite_report(unet)}")
+    return images
+
+
+def check_pipe(pipe, caller: str) -> None:
+    """Refuse anything but a course pipeline (a bare UNet is the usual mix-up)."""
+    if not (isinstance(pipe, TinyDiffusion) or all(hasattr(pipe, a) for a in ("unet", "encode", "scheduler_config"))):
+        raise ConfigError(f"{caller} needs the whole model (a TinyDiffusion, e.g. load_pretrained()), got "
+                          f"{type(pipe).__name__}. A bare UNet has no text encoder: wrap it as TinyDiffusion(unet).")
+
+
+def non_finite_report(module: nn.Module, if_finite: str = "sample in float32 (pipe.unet.float())") -> str:
+    """Which parameters of ``module`` hold NaN or inf, in one sentence (or why the model is not to blame).
+
+    ``if_finite``: what to suggest when every weight is finite (the arithmetic overflowed).
+    """
+    bad = []
+    for name, p in module.named_parameters():
+        if p.is_floating_point():
+            n = int((~torch.isfinite(p.detach())).sum())
+            if n:
+                bad.append(f"{name} ({n:,} of {p.numel():,})")
+    if not bad:
+        return f"Every weight is finite, so the computation overflowed (float16 overflows easily): {if_finite}."
+    more = f" and {len(bad) - 3} more parameters" if len(bad) > 3 else ""
+    return (f"The model's weights are not finite: {', '.join(bad[:3])}{more}. A diverged training run leaves "
+            "such weights; reload the pretrained model (load_pretrained()) and train with a lower lr.")
