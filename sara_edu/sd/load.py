@@ -162,6 +162,7 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
     folder = _resolve_folder(str(model_id_or_path), local_files_only, variant)
+    check_component_configs(folder)
     try:
         with quiet_transformers():
             from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -176,7 +177,8 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
                 folder / "text_encoder", torch_dtype=dtype, **common))
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
             scheduler_config = DDPMScheduler.from_pretrained(folder / "scheduler").config
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError,
+            RuntimeError) as e:  # what diffusers/transformers raise for files and values they cannot use
         raise CheckpointError(
             f"could not load Stable Diffusion from {folder} ({type(e).__name__}: {str(e)[:300]}). "
             f"{_DOWNLOAD_HINT.format(id=model_id_or_path)}") from e
@@ -185,6 +187,28 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
     pipe = StableDiffusionAdapter(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer,
                                   _ddpm_config(scheduler_config), source=str(model_id_or_path))
     return pipe.to(device)
+
+
+def check_component_configs(folder: Path) -> None:
+    """Check each component's config file value by value, so a bad one names its file and key.
+
+    Missing files are left to the loaders, whose error already says to download them.
+    """
+    with quiet_transformers():
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..world.config_file import check_config, read_config
+
+    parts = (("unet/config.json", UNet2DConditionModel, None),
+             ("vae/config.json", AutoencoderKL, None),
+             ("text_encoder/config.json", CLIPTextConfig, lambda s: CLIPTextModel(CLIPTextConfig(**s))),
+             ("scheduler/scheduler_config.json", DDPMScheduler, None))
+    for name, cls, build in parts:
+        path = folder / name
+        if path.exists():
+            with quiet_transformers():
+                check_config(read_config(path, f"{cls.__name__} config"), cls, path, build=build)
 
 
 def _complete(part: str, model: nn.Module, info: dict) -> nn.Module:

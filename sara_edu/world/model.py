@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..io import describe_mismatch, load_tensors, save_tensors
+from .config_file import check_config, read_config
 from .paths import PRETRAINED_DIR
 from .text import EMBED_DIM, TinyTextEncoder
 
@@ -110,11 +111,8 @@ def load_pretrained(folder=None, checkpoint: str | None = None, device=None) -> 
     if not cfg_path.exists():
         raise CheckpointError(f"no config.json in {folder}. Point at a folder written by save_pretrained, "
                               "or run `make data` to regenerate the shipped model.")
-    try:
-        config = json.loads(cfg_path.read_text())
-        unet_config = {k: v for k, v in config["unet"].items() if not k.startswith("_")}
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{cfg_path} is not a valid sara-edu config ({e})") from e
+    config = read_config(cfg_path, "course model config")
+    unet_config, scheduler_config = _checked_sections(config, cfg_path)
     unet = build_unet(unet_config, seed=None)
     weights = folder / "unet.safetensors" if checkpoint is None else folder / "checkpoints" / f"{checkpoint}.safetensors"
     if checkpoint is not None and not weights.exists():
@@ -125,8 +123,26 @@ def load_pretrained(folder=None, checkpoint: str | None = None, device=None) -> 
     text_encoder = TinyTextEncoder()
     te_state, _ = load_tensors(folder / "text_encoder.safetensors")
     load_state_dict_checked(text_encoder, te_state, source="text_encoder.safetensors")
-    pipe = TinyDiffusion(unet.eval(), text_encoder, config.get("scheduler", dict(SCHEDULER_CONFIG)))
+    pipe = TinyDiffusion(unet.eval(), text_encoder, scheduler_config)
     return pipe.to(device) if device is not None else pipe
+
+
+def _checked_sections(config: dict, cfg_path: Path) -> tuple[dict, dict]:
+    """The ``unet`` and ``scheduler`` settings of a course config, each checked against its class."""
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+    sections = {}
+    for key, default in (("unet", None), ("scheduler", SCHEDULER_CONFIG)):
+        value = config.get(key, default)
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{cfg_path}: key {key!r} must be a JSON object of settings, got "
+                                  f"{'nothing' if value is None else type(value).__name__}. Re-create the folder "
+                                  "with save_pretrained (or `make data` for the shipped model).")
+        sections[key] = {k: v for k, v in value.items() if not k.startswith("_")}
+    check_config(sections["unet"], UNet2DConditionModel, f"{cfg_path} ['unet']", allow_unknown=False)
+    for cls in (DDPMScheduler, DDIMScheduler):  # training adds noise with one, generate samples with the other
+        check_config(sections["scheduler"], cls, f"{cfg_path} ['scheduler']", allow_unknown=False)
+    return sections["unet"], dict(sections["scheduler"])
 
 
 def list_checkpoints(folder=None) -> list[str]:
