@@ -271,8 +271,10 @@ def pretraining_snapshots(folder=None) -> list[Snapshot]:
     from pathlib import Path
 
     from ..world.model import list_checkpoints, load_pretrained
-    from ..world.paths import PRETRAINED_DIR
+    from ..world.paths import PRETRAINED_DIR, check_data_dir
 
+    if folder is None:
+        check_data_dir()
     folder = Path(folder or PRETRAINED_DIR)
     names = list_checkpoints(folder)
     if not names:

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..io import describe_mismatch, load_tensors, save_tensors
 from .config_file import check_config, read_config
-from .paths import PRETRAINED_DIR
+from .paths import PRETRAINED_DIR, check_data_dir
 from .text import EMBED_DIM, TinyTextEncoder
 
 TINY_UNET_CONFIG = {
@@ -106,6 +106,8 @@ def load_pretrained(folder=None, checkpoint: str | None = None, device=None) -> 
     ``checkpoint`` picks an intermediate pretraining checkpoint by name
     (see :func:`list_checkpoints`) instead of the final weights.
     """
+    if folder is None:
+        check_data_dir()
     folder = Path(folder or PRETRAINED_DIR)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -147,6 +149,8 @@ def _checked_sections(config: dict, cfg_path: Path) -> tuple[dict, dict]:
 
 def list_checkpoints(folder=None) -> list[str]:
     """Names of the intermediate pretraining checkpoints, in training order."""
+    if folder is None:
+        check_data_dir()
     folder = Path(folder or PRETRAINED_DIR) / "checkpoints"
     return sorted(p.stem for p in folder.glob("*.safetensors"))
 
