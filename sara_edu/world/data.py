@@ -13,6 +13,7 @@ user can point the same code at their own style folder.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def load_digits_images(split: str = "train", style: str | None = None, digits=No
     """Images (N, 3, 16, 16) in [-1, 1], labels and prompts for one look."""
     ink, labels = load_digits_ink(split)
     if digits is not None:
+        if isinstance(digits, (str, bytes)) or not isinstance(digits, Iterable) or not all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in digits):
+            raise DataError(f"digits must be a collection of integers 0..9 such as (0, 1, 2) or None, got {digits!r}")
         keep = torch.isin(labels, torch.tensor(list(digits)))
         ink, labels = ink[keep], labels[keep]
     if len(labels) == 0:
@@ -75,8 +79,14 @@ class TensorImageDataset(Dataset):
     """Images + prompts held in memory, in the diffusers training-example format."""
 
     def __init__(self, images: torch.Tensor, prompts: list[str], labels: torch.Tensor | None = None):
+        from .sampling import check_prompts
+
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise DataError(f"images must be a tensor of shape (N, 3, H, W) in [-1, 1], got {got}")
         if len(images) == 0:
             raise DataError("the dataset is empty")
+        prompts = check_prompts(prompts)
         if len(images) != len(prompts):
             raise DataError(f"{len(images)} images but {len(prompts)} prompts")
         self.images, self.prompts, self.labels = images, list(prompts), labels
@@ -98,8 +108,11 @@ class StyleDataset(TensorImageDataset):
 
     def __init__(self, style: str | None, split: str = "train", digits=FINETUNE_DIGITS,
                  limit_per_digit: int | None = None, seed: int = 0):
+        from .sampling import check_int
+
         images, labels, prompts = load_digits_images(split, style, digits, seed)
         if limit_per_digit is not None:
+            check_int(limit_per_digit, "limit_per_digit", 1, hint="images kept per digit, or None for all")
             keep = torch.cat([torch.nonzero(labels == k)[:limit_per_digit, 0] for k in labels.unique()])
             keep = keep.sort().values
             images, labels, prompts = images[keep], labels[keep], [prompts[i] for i in keep]
@@ -147,6 +160,8 @@ def export_image_folder(dataset: TensorImageDataset, folder) -> Path:
     """Write a dataset as PNGs + ``metadata.jsonl`` (the paper's format)."""
     from PIL import Image
 
+    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+        raise DataError(f"export_image_folder needs a dataset such as StyleDataset(...), got {type(dataset).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -53,9 +53,9 @@ def check_int(value, name: str, minimum: int = 1, maximum: int | None = None, hi
     return value
 
 
-def check_seed(seed, name: str = "seed") -> int:
+def check_seed(seed, name: str = "seed", hint: str = "image i starts from the noise of seed + i") -> int:
     """A seed for ``torch.Generator.manual_seed``: an integer in ``[0, 2**63 - 1]``."""
-    return check_int(seed, name, 0, MAX_SEED, "image i starts from the noise of seed + i")
+    return check_int(seed, name, 0, MAX_SEED, hint)
 
 
 def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> float:
