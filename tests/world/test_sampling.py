@@ -30,6 +30,13 @@ BAD_SAMPLING = [
 ]
 
 
+@pytest.fixture(scope="module")
+def sd_pipe():
+    from sara_edu.sd.tiny import tiny_sd_pipeline
+
+    return tiny_sd_pipeline(seed=0)
+
+
 def _call(fn, pipe, **changes):
     args = {"prompts": ["a digit 1"], "steps": 1, "seed": 0, "guidance_scale": 3.0, "batch_size": 4, **changes}
     return fn(pipe, args.pop("prompts"), **args)
@@ -44,12 +51,11 @@ def test_generate_names_the_bad_argument(tiny_pipe, changes, error, msg):
 @pytest.mark.parametrize("changes,error,msg", BAD_SAMPLING + [
     ({"negative_prompt": ["ugly"]}, PromptError, "negative_prompt must be a string or None, got list"),
 ])
-def test_generate_sd_names_the_bad_argument(changes, error, msg):
+def test_generate_sd_names_the_bad_argument(sd_pipe, changes, error, msg):
     from sara_edu.sd.sample import generate_sd
-    from sara_edu.sd.tiny import tiny_sd_pipeline
 
     with pytest.raises(error, match=msg):
-        _call(generate_sd, tiny_sd_pipeline(seed=0), **changes)
+        _call(generate_sd, sd_pipe, **changes)
 
 
 def test_samplers_refuse_a_bare_unet(tiny_pipe):
