@@ -8,8 +8,8 @@ for every parameter, its name, shape and dtype, how many entries trained, and
   trained positions zeroed, i.e. of every untouched base value and where it
   sits. :func:`load_sparse` recomputes it on the model and refuses any
   difference, a sign flip or one ulp included, instead of producing a silently
-  wrong model. It costs one pass over the weights (about 1 GB/s on a CPU core:
-  ``benchmarks/sparse_fingerprint.py``);
+  wrong model. It costs one pass over the weights (0.6 GB/s of CPU time on the
+  2-core dev box, faster than the first format: ``benchmarks/sparse_fingerprint.py``);
 * ``indices_sha256`` / ``values_sha256``: SHA-256s of the stored tensors, so a
   file damaged after saving (flipped bits, a bad copy) is refused, and
   non-finite stored values are refused in any case.
