@@ -175,3 +175,64 @@ def describe_mismatch(model_shapes: dict, file_shapes: dict) -> str | None:
         parts.append(f"{len(wrong)} shapes differ (e.g. {k}: file {tuple(file_shapes[k])} vs model "
                      f"{tuple(model_shapes[k])})")
     return "; ".join(parts) or None
+
+
+# --------------------------------------------------------------------------- nested states (optimizer, scheduler, RNG)
+
+_TENSOR_REF = "__tensor__"
+
+
+def save_state(state, path, metadata: dict | None = None) -> Path:
+    """Save a nested state (dicts, lists, tuples, numbers, strings, tensors) as one safetensors file.
+
+    ``optimizer.state_dict()`` and friends are usually saved with ``torch.save``,
+    i.e. pickle; here every tensor goes into the safetensors file and the
+    structure around them into its JSON metadata, so loading runs no code.
+    Tuples come back as lists, and dict keys as strings unless they were ints.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(obj):
+        if isinstance(obj, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = obj.detach().cpu().contiguous()
+            return {_TENSOR_REF: key}
+        if isinstance(obj, dict):
+            return {"__dict__": [[k, encode(v)] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            return [encode(v) for v in obj]
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"save_state cannot store a {type(obj).__name__} ({obj!r:.60})")
+
+    skeleton = encode(state)
+    return save_tensors(tensors, path, {**(metadata or {}), "state": skeleton})
+
+
+def load_state(path):
+    """The nested state written by :func:`save_state` (tensors on the CPU)."""
+    tensors, meta = load_tensors(path)
+    if "state" not in meta:
+        raise CheckpointError(f"{path} holds no saved state (it was not written by save_state)")
+    if isinstance(meta["state"], str):  # metadata that is not JSON comes back as text: damaged
+        raise CheckpointError(f"{path} has damaged metadata: its saved state is not valid JSON. Restore the file.")
+
+    def decode(obj):
+        if isinstance(obj, dict):
+            if _TENSOR_REF in obj:
+                try:
+                    return tensors[obj[_TENSOR_REF]]
+                except KeyError as e:
+                    raise CheckpointError(f"{path} is incomplete: tensor {e.args[0]} is missing") from e
+            return {k: decode(v) for k, v in obj["__dict__"]}
+        if isinstance(obj, list):
+            return [decode(v) for v in obj]
+        return obj
+
+    try:
+        return decode(meta["state"])
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # tampered structure: say so, never a bare KeyError
+        raise CheckpointError(f"{path} has damaged metadata: its saved state does not have the structure "
+                              f"save_state writes ({type(e).__name__}: {e}). Restore the file.") from e

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -143,3 +144,19 @@ def test_a_live_save_keeps_its_temporary_file_even_if_it_looks_old(tmp_path):
 
     atomic_write_bytes(path, write)
     assert removed == [] and path.read_bytes() == b"data"
+
+
+@pytest.mark.parametrize("state,msg", [("{not json", "its saved state is not valid JSON"),
+                                       ({"__dict__": [["a"]]}, "does not have the structure save_state writes"),
+                                       ({"x": 1}, "does not have the structure save_state writes"),
+                                       ({"__tensor__": "t9"}, "incomplete: tensor t9 is missing")])
+def test_tampered_saved_state_gives_checkpoint_error(tmp_path, state, msg):
+    from safetensors.torch import save_file
+
+    from sara_edu.io import load_state
+
+    path = tmp_path / "s.safetensors"
+    text = state if isinstance(state, str) else json.dumps(state)
+    save_file({"t0": torch.ones(1)}, str(path), metadata={"state": text})
+    with pytest.raises(CheckpointError, match=msg):
+        load_state(path)

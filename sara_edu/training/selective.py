@@ -28,7 +28,7 @@ from ..sara.attach import attached_model, check_attachable, mark_attached, relea
 from ..sara.optimizer import adamw_update
 from ..sara.selection import Selection, check_selection_args, select_parameters
 from ..sara.sparse_file import save_sparse
-from .method import TrainingMethod
+from .method import SparseMethod
 
 
 class MaskedAdamW(torch.optim.AdamW):
@@ -95,7 +95,7 @@ class MaskedAdamW(torch.optim.AdamW):
 
 
 @dataclass
-class SelectiveFineTuning(TrainingMethod):
+class SelectiveFineTuning(SparseMethod):
     """Train the entries with ``|w| < θ`` using dense masked gradients and dense AdamW.
 
     ``threshold`` (absolute θ) wins over ``fraction`` when given. Same

@@ -1,6 +1,13 @@
-"""Where the shipped data lives (``data/`` at the repository root).
+"""Where the shipped data lives: the course model, its checkpoints and the classifier.
 
-Override with the ``SARA_EDU_DATA`` environment variable (read once, at import).
+Three places, first match wins:
+
+1. ``SARA_EDU_DATA`` (an environment variable, read once at import), for your own
+   copy of ``data/``; :func:`check_data_dir` refuses it empty or naming no folder;
+2. ``data/`` of a source checkout (``pip install -e .``, ``make lab``), so that
+   ``make data`` regenerates what the course uses;
+3. ``sara_edu/_data`` inside an installed wheel (``pip install .``): the build
+   copies ``data/`` there, so the course works from any folder.
 """
 import os
 from pathlib import Path
@@ -9,8 +16,25 @@ from ..errors import ConfigError, DataError
 
 DATA_ENV = "SARA_EDU_DATA"
 _AT_IMPORT = os.environ.get(DATA_ENV)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DATA_DIR = Path(os.environ.get(DATA_ENV, REPO_ROOT / "data"))
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+REPO_ROOT = PACKAGE_DIR.parent  # meaningful in a source checkout only
+
+
+def _is_checkout(root: Path) -> bool:
+    return (root / "pyproject.toml").is_file() and (root / "data").is_dir()
+
+
+def data_dir() -> Path:
+    """The folder holding ``tiny_diffusion/`` and ``classifier/`` (see the module docstring)."""
+    override = os.environ.get(DATA_ENV)
+    if override is not None:
+        return Path(override)
+    if _is_checkout(REPO_ROOT):
+        return REPO_ROOT / "data"
+    return PACKAGE_DIR / "_data"
+
+
+DATA_DIR = data_dir()
 PRETRAINED_DIR = DATA_DIR / "tiny_diffusion"
 CLASSIFIER_PATH = DATA_DIR / "classifier" / "classifier.safetensors"
 
