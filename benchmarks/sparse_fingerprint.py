@@ -52,8 +52,8 @@ def main(argv=None) -> pd.DataFrame:
         trained = torch.randperm(args.numel, generator=g)[: int(args.numel * args.trained)].sort().values
         trained = trained.to(args.device)
         gb = w.numel() * w.element_size() / 1e9
-        exact = _best_of(lambda: _fingerprint(w, trained), args.repeats)
-        legacy = _best_of(lambda: _legacy_fingerprint(w, trained), args.repeats)
+        exact = _best_of(lambda w=w, trained=trained: _fingerprint(w, trained), args.repeats)
+        legacy = _best_of(lambda w=w, trained=trained: _legacy_fingerprint(w, trained), args.repeats)
         # the changes the first format let through, at an untouched position it does not sample (its second)
         untouched = int(torch.nonzero(torch.ones(1000, dtype=torch.bool).index_fill(0, trained[trained < 1000].cpu(),
                                                                                        False))[1])
@@ -77,7 +77,6 @@ def main(argv=None) -> pd.DataFrame:
                      "legacy_wall_s": round(legacy[1], 3),
                      "exact_catches_sign_flip": caught["sign flip"][0], "legacy_catches_sign_flip": caught["sign flip"][1],
                      "exact_catches_one_ulp": caught["one ulp"][0], "legacy_catches_one_ulp": caught["one ulp"][1]})
-        del w
     df = pd.DataFrame(rows)
     print(df.to_string(index=False))
     for r in rows:

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,7 +105,8 @@ def test_a_save_killed_with_sigkill_is_cleaned_up_by_the_next_save(tmp_path):
     # The next run (a new process, as after a crash) removes it.
     code = ("import torch; from sara_edu.io import save_tensors; "
             f"save_tensors({{'a': torch.zeros(3)}}, {str(path)!r})")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     assert torch.equal(load_tensors(path)[0]["a"], torch.zeros(3))
 

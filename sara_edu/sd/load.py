@@ -21,7 +21,6 @@ mixed precision.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

@@ -82,7 +82,7 @@ def _build_error(build, settings) -> str | None:
     try:
         with torch.device("meta"):
             build(dict(settings))
-    except Exception as e:  # any failure of a third-party __init__ means "these settings do not work"
+    except Exception as e:  # noqa: BLE001 - any failure of a third-party __init__ means "these settings do not work"
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -97,7 +97,7 @@ def _parameters(cls) -> dict | None:
         return None
     try:
         hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # unresolved forward references: fall back to the defaults' types
+    except Exception:  # noqa: BLE001 - unresolved forward references: fall back to the defaults' types
         hints = {}
     return {n: (hints.get(n), p.default) for n, p in sig.parameters.items() if n != "self"}
 
@@ -113,9 +113,9 @@ def _type_problem(key: str, value, spec) -> str | None:
     ok = _matches(value, annotation)
     if ok is False:
         return f"expected {_describe(annotation)}, got {type(value).__name__}"
-    if _matches(value, int) or (isinstance(value, (list, tuple)) and value and all(_matches(v, int) for v in value)):
-        if min(value if isinstance(value, (list, tuple)) else [value]) < 0 and not key.endswith("_id"):
-            return "sizes and counts cannot be negative"
+    ints = [value] if _matches(value, int) else list(value) if isinstance(value, (list, tuple)) else []
+    if ints and all(_matches(v, int) for v in ints) and min(ints) < 0 and not key.endswith("_id"):
+        return "sizes and counts cannot be negative"
     return None
 
 
@@ -137,17 +137,21 @@ def _matches(value, annotation) -> bool | None:
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        results = [_matches(value, a) for a in typing.get_args(annotation)]
-        return True if any(r is True for r in results) else (None if None in results else False)
+        return _matches_any(value, typing.get_args(annotation))
     if origin in (tuple, list) or annotation in (tuple, list):
         if not isinstance(value, (list, tuple)):
             return False
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         if not args:
             return True
-        results = [_matches(v, typing.Union[tuple(args)]) for v in value]
+        results = [_matches_any(v, args) for v in value]
         return False if False in results else (None if None in results else True)
     return None
+
+
+def _matches_any(value, annotations) -> bool | None:
+    results = [_matches(value, a) for a in annotations]
+    return True if True in results else (None if None in results else False)
 
 
 def _describe(annotation) -> str:

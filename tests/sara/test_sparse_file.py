@@ -150,7 +150,7 @@ def test_a_trained_count_that_disagrees_with_the_stored_tensors_is_refused(train
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_copy_of_the_right_base_is_told_it_is_a_dtype_question(trained, dtype):
-    base, model, path = trained
+    base, _, path = trained
     half = copy.deepcopy(base).to(dtype)
     with pytest.raises(CheckpointError, match=rf"trained on float32 weights, but this model holds "
                                               rf"{str(dtype)[6:]}.*convert after loading.*check_base=False"):

@@ -5,7 +5,12 @@ import shutil
 import pytest
 
 from sara_edu.errors import CheckpointError
-from sara_edu.world.model import TinyDiffusion, build_unet, load_pretrained, save_pretrained
+from sara_edu.world.model import (
+    TinyDiffusion,
+    build_unet,
+    load_pretrained,
+    save_pretrained,
+)
 from sara_edu.world.text import TinyTextEncoder
 
 

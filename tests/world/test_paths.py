@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,7 @@ def test_an_existing_folder_is_used(monkeypatch, tmp_path):
 
 def test_set_empty_before_python_starts():
     code = "from sara_edu.world.model import load_pretrained; load_pretrained()"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "SARA_EDU_DATA": "", "PYTHONPATH": os.getcwd()})
+    root = str(Path(__file__).resolve().parents[2])
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         env={**os.environ, "SARA_EDU_DATA": "", "PYTHONPATH": root})
     assert run.returncode == 1 and "DataError: SARA_EDU_DATA is set to an empty string" in run.stderr
