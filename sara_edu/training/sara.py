@@ -15,11 +15,11 @@ from ..errors import ConfigError
 from ..sara.optimizer import SaRAAdamW
 from ..sara.selection import check_selection_args
 from ..sara.sparse_file import save_sparse
-from .method import TrainingMethod
+from .method import SparseMethod
 
 
 @dataclass
-class SaRA(TrainingMethod):
+class SaRA(SparseMethod):
     """SaRA for :func:`sara_edu.training.train`, with notebook-friendly reports.
 
     ``threshold`` (absolute θ) wins over ``fraction`` when given. Parameters

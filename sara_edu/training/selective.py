@@ -28,7 +28,7 @@ from ..sara.attach import attached_model, check_attachable, check_is_model, mark
 from ..sara.optimizer import adamw_update
 from ..sara.selection import Selection, check_selection_args, select_parameters
 from ..sara.sparse_file import save_sparse
-from .method import TrainingMethod
+from .method import SparseMethod
 
 
 class MaskedAdamW(torch.optim.AdamW):
@@ -96,7 +96,7 @@ class MaskedAdamW(torch.optim.AdamW):
 
 
 @dataclass
-class SelectiveFineTuning(TrainingMethod):
+class SelectiveFineTuning(SparseMethod):
     """Train the entries with ``|w| < θ`` using dense masked gradients and dense AdamW.
 
     ``threshold`` (absolute θ) wins over ``fraction`` when given. As SaRA,
