@@ -32,6 +32,7 @@ The weights are trained in place, so a trained model *is* the merged model:
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import weakref
@@ -201,7 +202,8 @@ class SaRAAdamW(torch.optim.AdamW):
                         for v in values)
         super().__init__(values, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          fused=fused or None, foreach=None if fused else True)
-        self.sync = GradientSync(self.slots, self._fingerprint)
+        # the sync object lives on in the weights' hooks: it must not hold the optimizer (nor the model)
+        self.sync = GradientSync(self.slots, functools.partial(_fingerprint, self._model_ref, self.slots))
         # Only now touch the model, so a failed construction leaves it as it was.
         model.requires_grad_(False)
         for slot in self.slots:
@@ -219,13 +221,6 @@ class SaRAAdamW(torch.optim.AdamW):
         follows ``ddp_model.no_sync()`` (and so ``accelerator.accumulate``).
         """
         return self.sync.no_sync()
-
-    def _fingerprint(self) -> torch.Tensor:
-        """Per parameter of the model its float64 sum, then each weight's selected count (ranks must agree)."""
-        model = self._model_ref()
-        sums = [torch.sum(p.detach(), dtype=torch.float64) for p in model.parameters()] if model is not None else []
-        counts = [torch.tensor(float(s.idx.numel()), dtype=torch.float64) for s in self.slots]
-        return torch.stack([t.cpu() for t in sums] + counts)
 
     # ---------------------------------------------------------------- gradients
     def _hook(self, slot: _Slot) -> None:
@@ -420,6 +415,14 @@ class SaRAAdamW(torch.optim.AdamW):
         sel = self.selection
         return {"method": "sara", "mode": sel.mode, "requested": sel.requested, "rank_lambda": self.rank_lambda,
                 "progressive_iter": self.progressive_iter, "steps_done": self.steps_done}
+
+
+def _fingerprint(model_ref, slots) -> torch.Tensor:
+    """Per parameter of the model its float64 sum, then each weight's selected count (ranks must agree)."""
+    model = model_ref()
+    sums = [torch.sum(p.detach(), dtype=torch.float64) for p in model.parameters()] if model is not None else []
+    counts = [torch.tensor(float(s.idx.numel()), dtype=torch.float64) for s in slots]
+    return torch.stack([t.cpu() for t in sums] + counts)
 
 
 def adamw_update(optimizer: torch.optim.AdamW, closure=None):

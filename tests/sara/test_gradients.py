@@ -270,6 +270,21 @@ def test_on_several_processes_ddp_is_kept_away_and_detach_cleans_up(monkeypatch)
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_a_deleted_optimizer_is_freed_although_its_gradients_were_used():
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2))
+    opt = SaRAAdamW(model, lr=1e-3, fraction=0.5)
+    model(torch.randn(2, 6)).sum().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None  # the hooks on the weights hold no reference to it
+
+
 def test_a_lone_process_of_a_multi_process_launch_refuses_to_train(monkeypatch):
     model = nn.Linear(6, 2)
     opt = SaRAAdamW(model, lr=1e-3, fraction=0.5)

@@ -95,7 +95,7 @@ def different_weights(world):
     """Ranks that attach to different weights must refuse at the first synchronisation, on every rank."""
     if world == 1:
         return "single process"
-    model, opt = build()
+    model, _opt = build()  # attached (and kept alive) for the first synchronisation
     if dist.get_rank() == 1:
         with torch.no_grad():
             model.norm.weight.add_(1e-3)  # a frozen weight: the selection is the same, the model is not
