@@ -1,9 +1,11 @@
 """Set-up promises: same dependencies for pip and conda, a light import, CI = README's command."""
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml  # pyyaml comes with jupyter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,3 +67,50 @@ def test_second_make_test_installs_nothing(tmp_path):
     os.utime(stamp, (older, older))
     plan = subprocess.run(["make", "-n", "test", f"VENV={venv}"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "pip install" in plan
+
+
+def test_the_package_list_names_every_sub_package():
+    """pyproject lists packages by hand (so data/ can ship as sara_edu._data): a new folder must be added there."""
+    listed = {p for p in _pyproject()["tool"]["setuptools"]["packages"] if not p.startswith("sara_edu._data")}
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "sara_edu").rglob("__init__.py")}
+    assert listed == found, f"add to pyproject: {found - listed}; remove: {listed - found}"
+
+
+@pytest.mark.slow
+def test_a_wheel_installed_in_a_fresh_venv_has_the_course_model(tmp_path):
+    """`pip install .` (not editable), then load_pretrained() + generate() from an unrelated folder."""
+    import shutil
+    import sysconfig
+
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if name.startswith(("sara_edu/", "data/")) or name in ("pyproject.toml", "README.md"):
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(src)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("sara_edu-*.whl")
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True)
+    # the dependencies (torch, diffusers, ...) come from this venv, appended after the fresh site-packages,
+    # so `import sara_edu` finds the installed wheel, never this checkout
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import sara_edu, torch; print(sara_edu.__file__); pipe = sara_edu.load_pretrained(); "
+            "images = sara_edu.generate(pipe, ['a digit 3', 'a digit 7'], steps=3, seed=0); "
+            "print(tuple(images.shape), bool(torch.isfinite(images).all()))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SARA_EDU_DATA")}
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=elsewhere, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, result = out.stdout.strip().splitlines()[-2:]
+    assert Path(where).resolve().is_relative_to(site.resolve()), f"imported {where}, not the installed wheel"
+    assert result == "(2, 3, 16, 16) True"

@@ -89,6 +89,8 @@ def matrix_weights(model, min_side: int = 2) -> list[str]:
 
 def rank_for_energy(sigma, energy: float = 0.9) -> int:
     """How many of the largest singular values hold ``energy`` of ``Σσ²`` (0 for a zero update)."""
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise ConfigError(f"energy must be a share in (0, 1] (0.9 = 90% of the update's energy), got {energy!r}")
     sigma = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
     total = float((sigma**2).sum())
     if total == 0:

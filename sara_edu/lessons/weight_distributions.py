@@ -138,6 +138,10 @@ def weight_stats(model, threshold: float | None = None, quantiles=(0.01, 0.1, 0.
     qs = torch.tensor(list(quantiles), dtype=torch.float64)
     if len(qs) and not ((qs >= 0) & (qs <= 1)).all():
         raise ConfigError(f"quantiles must lie in [0, 1], got {list(quantiles)}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not threshold > 0):
+        raise ConfigError(f"threshold must be a positive number (|w| < threshold counts as small, e.g. 2e-3) or "
+                          f"None, got {threshold!r}")
     rows = []
     for name, w in named_weights(model).items():
         a = w.abs().flatten().double().cpu()
@@ -271,8 +275,10 @@ def pretraining_snapshots(folder=None) -> list[Snapshot]:
     from pathlib import Path
 
     from ..world.model import list_checkpoints, load_pretrained
-    from ..world.paths import PRETRAINED_DIR
+    from ..world.paths import PRETRAINED_DIR, check_data_dir
 
+    if folder is None:
+        check_data_dir()
     folder = Path(folder or PRETRAINED_DIR)
     names = list_checkpoints(folder)
     if not names:

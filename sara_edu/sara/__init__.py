@@ -10,9 +10,12 @@ It needs only torch and safetensors (pandas is imported lazily, for reports)::
 One idea per module: :mod:`.selection` (which entries train), :mod:`.optimizer`
 (unstructured backpropagation), :mod:`.nuclear` (the low-rank penalty),
 :mod:`.progressive` (re-selection part-way), :mod:`.sparse_file` (tiny files),
-:mod:`.attach` (leaving a plain model behind).
+:mod:`.attach` (leaving a plain model behind), :mod:`.grad` (the gradient a
+trained weight shows the loop: only its selected entries), :mod:`.distributed`
+(several processes: how to prepare model and optimizer, what SaRA all-reduces).
 """
 from .attach import attached_owner, detach, merge
+from .grad import SelectedGrad
 from .nuclear import nuclear_norm_grad, nuclear_norm_penalty
 from .optimizer import SaRAAdamW
 from .progressive import progressive_adjust
@@ -21,4 +24,4 @@ from .sparse_file import SPARSE_FORMAT, load_sparse, save_sparse
 
 __all__ = ["SaRAAdamW", "Selection", "select_parameters", "nuclear_norm_grad", "nuclear_norm_penalty",
            "progressive_adjust", "save_sparse", "load_sparse", "SPARSE_FORMAT", "detach", "merge",
-           "attached_owner"]
+           "attached_owner", "SelectedGrad"]

@@ -35,7 +35,7 @@ def progressive_adjust(optimizer):
             continue
         slot.frozen.append(slot.idx[~keep])
         slot.idx = slot.idx[keep]
-        slot.values.grad = None
+        optimizer._clear_grad(slot)  # a SelectedGrad holds the old positions
         slot.values.data = slot.values.data[keep]
         if slot.initial is not None:
             slot.initial = slot.initial[keep]

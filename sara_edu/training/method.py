@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
+
 
 class TrainingMethod:
     """Which parameters train and how. Subclass and implement ``build_optimizer``."""
@@ -30,6 +32,51 @@ class TrainingMethod:
     def trainable_parameters(self, unet: nn.Module) -> int:
         """How many numbers this method trains (after ``build_optimizer``)."""
         return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+    # A checkpoint stores what the method changed; resuming rebuilds the method on a fresh copy of the base
+    # model (``build_optimizer``) and then writes this state back, before the optimizer's own state.
+    def trained_state(self, unet: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint must keep of ``unet``: by default every trainable parameter."""
+        return {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def restore_trained_state(self, unet: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        own = dict(unet.named_parameters())
+        missing = sorted(set(tensors) - set(own))
+        if missing:
+            raise CheckpointError(f"the checkpoint holds weights this model does not have (e.g. {missing[0]}): "
+                                  "resume with the same base model and method")
+        for name, value in tensors.items():
+            own[name].copy_(value)
+
+
+class SparseMethod(TrainingMethod):
+    """A method whose optimizer trains chosen entries in place (SaRA, the selective baseline).
+
+    Its checkpoints keep only the trained entries (positions and values), not whole weights.
+    """
+
+    optimizer = None
+
+    def trained_state(self, unet):
+        own = dict(unet.named_parameters())
+        out = {}
+        for name, idx in self.optimizer.trained_entries().items():
+            if idx.numel():
+                out[f"{name}::indices"] = idx
+                out[f"{name}::values"] = own[name].detach().reshape(-1).index_select(0, idx.long())
+        return out
+
+    @torch.no_grad()
+    def restore_trained_state(self, unet, tensors):
+        own = dict(unet.named_parameters())
+        for key, idx in tensors.items():
+            if key.endswith("::indices"):
+                name = key.removesuffix("::indices")
+                if name not in own or f"{name}::values" not in tensors:
+                    raise CheckpointError(f"the checkpoint does not fit this model ({name}): resume with the same "
+                                          "base model and method")
+                own[name].view(-1)[idx.long()] = tensors[f"{name}::values"].to(own[name].dtype)
 
 
 @dataclass

@@ -15,14 +15,15 @@ from ..errors import ConfigError
 from ..sara.optimizer import SaRAAdamW
 from ..sara.selection import check_selection_args
 from ..sara.sparse_file import save_sparse
-from .method import TrainingMethod
+from .method import SparseMethod
 
 
 @dataclass
-class SaRA(TrainingMethod):
+class SaRA(SparseMethod):
     """SaRA for :func:`sara_edu.training.train`, with notebook-friendly reports.
 
-    ``threshold`` (absolute θ) wins over ``fraction`` when given.
+    ``threshold`` (absolute θ) wins over ``fraction`` when given. Parameters
+    frozen before training stay frozen unless ``include_frozen=True``.
     ``progressive_iter``: ``"half"`` of ``total_steps`` (the authors' default),
     a step number, or None. After ``build_optimizer``: ``.optimizer``,
     ``.report()``, ``.churn``, ``.save(path)``, ``.detach()``.
@@ -43,6 +44,7 @@ class SaRA(TrainingMethod):
     layer_types: object = None
     seed: int = 0
     nuclear_max_numel: int | None = None
+    include_frozen: bool = False
     name: str = "sara"
     optimizer: SaRAAdamW | None = field(default=None, init=False, repr=False)
 
@@ -61,7 +63,8 @@ class SaRA(TrainingMethod):
                                    progressive_iter=progressive, nuclear_every=self.nuclear_every,
                                    target_modules=self.target_modules, layer_types=self.layer_types,
                                    betas=betas, weight_decay=weight_decay, seed=self.seed,
-                                   total_steps=total_steps, nuclear_max_numel=self.nuclear_max_numel)
+                                   total_steps=total_steps, nuclear_max_numel=self.nuclear_max_numel,
+                                   include_frozen=self.include_frozen)
         return self.optimizer
 
     def _opt(self) -> SaRAAdamW:
