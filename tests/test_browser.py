@@ -148,7 +148,7 @@ def _shot(page, name):
 
 
 @pytest.mark.slow
-def test_a_student_runs_notebook_00_in_jupyterlab_and_the_slider_redraws_the_figure(lab, browser):
+def test_a_student_runs_notebook_00_in_jupyterlab_and_the_slider_redraws_the_figure(browser, lab):
     page = browser.new_page(viewport=VIEWPORT)
     page.goto(lab)
     page.wait_for_function("() => { const p = window.jupyterapp && window.jupyterapp.shell.currentWidget;"

@@ -101,8 +101,10 @@ def locate_course(*, needs_model: bool = True) -> str:
     """
     from importlib.metadata import PackageNotFoundError, version
 
-    from ..world.paths import PRETRAINED_DIR
+    from ..world.paths import PRETRAINED_DIR, check_data_dir
 
+    if needs_model:
+        check_data_dir()  # a SARA_EDU_DATA naming no folder is the thing to fix, not a missing file inside it
     package = Path(__file__).resolve().parents[1]
     try:
         release = version("sara-edu")
