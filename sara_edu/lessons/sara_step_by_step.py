@@ -16,6 +16,7 @@ fine-tuned copy of it.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,7 @@ def plot_update_spectra(before, runs: dict, name: str | None = None):
     if name is None:
         sizes = {n: named_weights(before)[n].numel() for n in table.name.unique()}
         name = max(sizes, key=sizes.get)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
     colours = plt.get_cmap("tab10")
     for i, (label, after) in enumerate(runs.items()):
         sigma = update_spectrum(before, after, name)
@@ -151,18 +152,18 @@ def plot_update_spectra(before, runs: dict, name: str | None = None):
     left.set_ylabel("σ_i / σ_1 (log scale)")
     left.set_title(f"Spectrum of the learned update ΔW\n{name}", fontsize=9)
     left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below: the labels are long
     labels = list(runs)
     data = [table.loc[table.run == label, "nuclear_over_frobenius"].to_numpy() for label in labels]
     box = right.boxplot(data, patch_artist=True)
-    right.set_xticks(range(1, len(labels) + 1), labels)
+    right.set_xticks(range(1, len(labels) + 1), [textwrap.fill(label, 16) for label in labels], fontsize=8)
     for patch, i in zip(box["boxes"], range(len(labels))):
         patch.set_facecolor(colours(i))
         patch.set_alpha(0.5)
     for i, values in enumerate(data):
         right.scatter(np.full(len(values), i + 1.0) + np.linspace(-0.12, 0.12, len(values)), values, s=8,
                       color=colours(i), zorder=3)
-    right.set_ylabel("‖ΔW‖* / ‖ΔW‖_F  (1 = rank one; lower = more low-rank)")
+    right.set_ylabel("‖ΔW‖* / ‖ΔW‖_F\n(1 = rank one; lower = more low-rank)")
     right.set_title(f"Every matrix weight ({len(data[0])} per run)", fontsize=9)
     right.grid(axis="y", alpha=0.3)
     fig.tight_layout()
