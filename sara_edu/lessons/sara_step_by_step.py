@@ -31,6 +31,49 @@ MB = 2**20
 
 # ------------------------------------------------------------------ the mask
 
+# --------------------------------------------------------------------------- SaRA from scratch (section 1)
+
+
+def fixed_batches(pipe, dataset, steps: int, batch_size: int = 8, seed: int = 0) -> list[dict]:
+    """``steps`` denoising batches drawn once, so two optimizers can be fed exactly the same data.
+
+    Each batch holds the noised images ``x_t``, their timesteps ``t``, the text conditioning
+    ``cond`` and the ``noise`` the UNet must predict (the training loop's loss, fixed in advance).
+    """
+    from diffusers import DDPMScheduler
+
+    if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"steps and batch_size must be positive integers, got steps={steps!r}, "
+                          f"batch_size={batch_size!r}")
+    schedule = DDPMScheduler.from_config(pipe.scheduler_config)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    with torch.no_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, len(dataset), (batch_size,), generator=gen).tolist()
+            x0 = torch.stack([dataset[i]["pixel_values"] for i in idx])
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, schedule.config.num_train_timesteps, (batch_size,), generator=gen)
+            batches.append({"x_t": schedule.add_noise(x0, noise, t), "t": t, "noise": noise,
+                            "cond": pipe.encode([dataset[i]["prompt"] for i in idx])})
+    return batches
+
+
+def denoising_loss(unet, batch: dict) -> torch.Tensor:
+    """The training loss on one :func:`fixed_batches` batch, in the UNet's own precision."""
+    dtype = next(unet.parameters()).dtype
+    pred = unet(batch["x_t"].to(dtype), batch["t"], batch["cond"].to(dtype)).sample
+    return torch.nn.functional.mse_loss(pred, batch["noise"].to(dtype))
+
+
+def max_weight_difference(a, b) -> float:
+    """Largest absolute difference between two models' weights of the same names and shapes."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    if pa.keys() != pb.keys() or any(pa[n].shape != pb[n].shape for n in pa):
+        raise ConfigError("the two models have different weights (names or shapes): compare copies of one model")
+    return max(float((pa[n].detach().double() - pb[n].detach().double()).abs().max()) for n in pa)
+
+
 def mask_figure(model, fraction: float = 0.1):
     """Bar per layer: the share of its entries with |w| below the global θ for ``fraction``.
 

@@ -153,3 +153,23 @@ def test_mask_figure_and_max_difference():
     assert lessons.max_difference(a, a) == 0.0 and lessons.max_difference(a, b) == 0.25
     with pytest.raises(ConfigError):
         lessons.max_difference(a, b[:1])
+
+
+def test_fixed_batches_feed_two_models_the_same_data_and_the_difference_is_measured(tiny_pipe):
+    import copy
+
+    from sara_edu.world.data import StyleDataset
+
+    data = StyleDataset("cyberpunk", digits=[1, 2], limit_per_digit=3)
+    a, b = lessons.fixed_batches(tiny_pipe, data, 2, batch_size=4), lessons.fixed_batches(tiny_pipe, data, 2, batch_size=4)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    other = copy.deepcopy(tiny_pipe.unet)
+    assert lessons.max_weight_difference(tiny_pipe.unet, other) == 0.0
+    loss = lessons.denoising_loss(other, a[0])
+    loss.backward()
+    with torch.no_grad():
+        other.conv_in.weight.add_(0.25)
+    assert lessons.max_weight_difference(tiny_pipe.unet, other) == pytest.approx(0.25)
+    assert float(loss) > 0 and other.conv_in.weight.grad is not None
+    with pytest.raises(ConfigError, match="steps"):
+        lessons.fixed_batches(tiny_pipe, data, 0)
