@@ -140,6 +140,7 @@ class Comparison:
     style: str
     runs: dict[str, FineTuned]
     settings: dict = field(default_factory=dict)
+    step_times: pd.DataFrame | None = None  # from fair_step_times: interleaved, process CPU, tracker off
 
     @property
     def pipes(self) -> dict:
@@ -163,13 +164,48 @@ class Comparison:
                          "% of the UNet": 100 * run.trainable / total,
                          "saved file (MB)": run.file_bytes / MB,
                          "peak memory above frozen weights (MB)": run.memory.peak_above_frozen / MB,
-                         "median step time (s)": run.step_time_s,
+                         "median step time (s)": self._step_time(name, run),
                          "training time (s)": run.train_seconds,
                          "final loss (mean of last 10 steps)": float(run.history.loss.tail(10).mean())})
         return pd.DataFrame(rows).set_index("method")
 
+    def _step_time(self, name, run) -> float:
+        """The fair step time when it was measured, else the training run's own median (wall clock)."""
+        if self.step_times is not None and name in self.step_times.index:
+            return float(self.step_times.loc[name, "seconds"])
+        return run.step_time_s
+
 
 # ------------------------------------------------------------------ training
+
+
+def fair_step_times(pipe, dataset, methods: dict, *, lr=1e-3, batch_size: int = 16, repeats: int = 5,
+                    warmup: int = 1, seed: int = 0, reference: str | None = None) -> pd.DataFrame:
+    """Seconds per training step of each method, timed fairly (see :func:`~sara_edu.measure.timing.compare_step_times`).
+
+    Each method is attached to its own fresh copy of ``pipe`` and runs the same batch;
+    the methods take turns (interleaved rounds, warm-up excluded), the clock is the
+    process's CPU time on a CPU, and no memory tracker is active. ``methods``: ``{label:
+    TrainingMethod}`` not yet attached (copies are used, the originals stay untouched).
+    """
+    from ..measure.timing import compare_step_times
+    from .sara_step_by_step import denoising_loss, fixed_batches
+
+    (batch,) = fixed_batches(pipe, dataset, 1, batch_size=batch_size, seed=seed)
+    steps = {}
+    for name, method in methods.items():
+        work, method = copy.deepcopy(pipe), copy.deepcopy(method)
+        work.unet.train()
+        optimizer = method.build_optimizer(work.unet, lr=_lr_for(lr, name), weight_decay=1e-2,
+                                           total_steps=warmup + repeats + 1)
+
+        def step(unet=work.unet, optimizer=optimizer):
+            denoising_loss(unet, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    return compare_step_times(steps, repeats=repeats, warmup=warmup, reference=reference)
 
 def _check_base(pipe) -> None:
     from ..sara.attach import MODULE_FLAG, attached_owner
@@ -280,6 +316,7 @@ def finetune_methods(pipe, style: str, methods=DEFAULT_METHODS, *, steps: int = 
                           "the step time")
     resolved = _resolve_methods(methods, pipe.unet, fraction, lora_rank)
     rates = {name: _lr_for(lr, name) for name in resolved}  # a missing rate fails before any training
+    unattached = {name: copy.deepcopy(method) for name, method in resolved.items()}  # for the fair timing
     data = dataset if dataset is not None else StyleDataset(style, limit_per_digit=limit_per_digit)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -290,7 +327,9 @@ def finetune_methods(pipe, style: str, methods=DEFAULT_METHODS, *, steps: int = 
                                   progress=progress, device=device)
     settings = {"style": style, "steps": steps, "lr": lr, "batch_size": batch_size, "images": len(data),
                 "seed": seed, "fraction": fraction, "tracked_steps": tracked_steps}
-    return Comparison(pipe, style, runs, settings)
+    step_times = fair_step_times(pipe, data, unattached, lr=lr, batch_size=batch_size, seed=seed,
+                                 reference=next(iter(unattached)))
+    return Comparison(pipe, style, runs, settings, step_times)
 
 
 # ------------------------------------------------------------------ costs
@@ -370,7 +409,8 @@ def plot_costs(comparison: Comparison, title: str | None = None):
     legend.axis("off")
     legend.legend(*everything.get_legend_handles_labels(), fontsize=8, loc="center", ncol=5, frameon=False)
     colours = [_colour(n) for n in names]
-    panels = [("median step time (s)", 1, "seconds per optimizer step", "Median step time", "{:.2f} s"),
+    clock = "process CPU s" if comparison.step_times is None else comparison.step_times.clock.iloc[0]
+    panels = [("median step time (s)", 1, f"seconds per step ({clock})", "Step time (fair, interleaved)", "{:.3f} s"),
               ("trainable parameters", 1e3, "thousands of numbers trained", "Trained values", "{:,.0f}k"),
               ("saved file (MB)", 1, "MB on disk", "Saved file (what you ship)", "{:.2f} MB")]
     for i, (column, unit, ylabel, panel_title, fmt) in enumerate(panels):

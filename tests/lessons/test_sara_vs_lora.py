@@ -258,3 +258,19 @@ def test_custom_variants_and_per_method_learning_rates():
     assert list(result.runs) == ["λ = 0", "LoRA r=2"]
     assert result.runs["λ = 0"].history.lr.iloc[0] < result.runs["LoRA r=2"].history.lr.iloc[0]
     assert result.runs["λ = 0"].file is None and result.runs["λ = 0"].file_bytes > 0
+
+
+def test_step_times_come_from_the_fair_timing_function(run):
+    """Interleaved, warm-up excluded, process CPU time, tracker off: the table and the figure show those numbers."""
+    _, _, result = run
+    times = result.step_times
+    assert list(times.index) == list(result.runs) and (times.clock == "process CPU").all()
+    assert times.ratio.iloc[0] == 1.0 and (times.seconds > 0).all()
+    costs = result.costs()
+    assert costs["median step time (s)"].tolist() == times.seconds.tolist()
+    for name, r in result.runs.items():  # not the training runs' own wall-clock medians
+        assert costs.loc[name, "median step time (s)"] != r.step_time_s
+    fig = compare.plot_costs(result)
+    step_panel = next(ax for ax in fig.axes if "Step time" in ax.get_title())
+    drawn = [bar.get_height() for bar in step_panel.patches]
+    assert drawn == pytest.approx(times.seconds.tolist())
