@@ -170,6 +170,6 @@ def test_fixed_batches_feed_two_models_the_same_data_and_the_difference_is_measu
     with torch.no_grad():
         other.conv_in.weight.add_(0.25)
     assert lessons.max_weight_difference(tiny_pipe.unet, other) == pytest.approx(0.25)
-    assert float(loss) > 0 and other.conv_in.weight.grad is not None
+    assert float(loss.detach()) > 0 and other.conv_in.weight.grad is not None
     with pytest.raises(ConfigError, match="steps"):
         lessons.fixed_batches(tiny_pipe, data, 0)
