@@ -120,6 +120,32 @@ class StyleDataset(TensorImageDataset):
         self.style = style or "plain"
 
 
+def with_plain_prompts(dataset: TensorImageDataset, fraction: float = 0.5, seed: int = 0) -> TensorImageDataset:
+    """The style set plus plain digits with plain prompts: the course's *prior preservation*.
+
+    Fine-tuning on a style alone also changes what plain prompts draw: nothing in the data
+    asks the model to keep them plain. DreamBooth's prior preservation mixes the model's
+    old task into the new data; here the old task is the plain digits, so we add
+    ``fraction`` x ``len(dataset)`` plain training images (all ten digits, ``"a digit k"``),
+    drawn with ``seed``. ``fraction=0.5`` makes a third of the mixed set plain.
+    """
+    from .sampling import check_int
+
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 4:
+        raise DataError(f"fraction must be a number in (0, 4] (plain images per style image), got {fraction!r}")
+    check_int(seed, "seed", 0)
+    plain = StyleDataset(None, digits=range(10))
+    n = max(1, round(fraction * len(dataset)))
+    if n > len(plain):
+        raise DataError(f"fraction={fraction} asks for {n} plain images, but there are only {len(plain)}")
+    pick = torch.randperm(len(plain), generator=torch.Generator().manual_seed(seed))[:n]
+    labels = None
+    if dataset.labels is not None and plain.labels is not None:
+        labels = torch.cat([dataset.labels, plain.labels[pick]])
+    return TensorImageDataset(torch.cat([dataset.images, plain.images[pick]]),
+                              dataset.prompts + [plain.prompts[i] for i in pick], labels)
+
+
 class ImageFolderDataset(TensorImageDataset):
     """A folder in the paper's format: image files + ``metadata.jsonl``.
 
@@ -176,4 +202,4 @@ def export_image_folder(dataset: TensorImageDataset, folder) -> Path:
 
 
 __all__ = ["LOOKS", "IMAGE_SIZE", "FINETUNE_DIGITS", "UNSEEN_DIGITS", "load_digits_ink", "load_digits_images",
-           "TensorImageDataset", "StyleDataset", "ImageFolderDataset", "export_image_folder"]
+           "TensorImageDataset", "StyleDataset", "ImageFolderDataset", "export_image_folder", "with_plain_prompts"]
