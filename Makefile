@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sara-edu-installed
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup data study bench clean-venv
+.PHONY: lab lab-settings test setup data study bench clean-venv
 
 setup: $(STAMP)
 
@@ -20,8 +20,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+# Jupyter refuses to run as root (Docker, cloud notebooks) unless told it may; listen on this machine only.
+LAB_UID ?= $(shell id -u)
+LAB_FLAGS := --ip=127.0.0.1 $(if $(filter 0,$(LAB_UID)),--allow-root)
+# A default for this venv's JupyterLab only: save widget state with the notebook, so that a notebook saved and
+# reopened without its kernel still draws its sliders instead of "Error displaying widget: model not found".
+LAB_DEFAULTS := $(VENV)/share/jupyter/lab/settings/overrides.d/sara-edu.json
+
+lab: $(STAMP) lab-settings
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
+
+lab-settings:
+	mkdir -p $(dir $(LAB_DEFAULTS))
+	echo '{"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}}' > $(LAB_DEFAULTS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,14 +1,20 @@
 """Safe reading and writing of weights: safetensors only, atomic writes.
 
-An interrupted save never leaves a half-written file: we write to a temporary
-file in the same folder and ``os.replace`` it into place (atomic on POSIX and
-Windows), so the old file stays intact until the new one is complete.
+An interrupted save never leaves a half-written file: we write to a hidden
+temporary file ``.<name>.<random>.tmp`` in the same folder and ``os.replace``
+it into place (atomic on POSIX and Windows), so the old file stays intact until
+the new one is complete. A save killed outright (``kill -9``, a lost kernel)
+cannot remove its temporary file; the next save of the same path does, once it
+is sure no live writer owns it: the writer holds an exclusive ``flock`` on it
+while writing (a dead process holds none) and the file predates this process.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -17,13 +23,29 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 
+try:  # POSIX; on Windows an open file cannot be deleted, which protects a live writer just as well
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+_PROCESS_START = time.time()
+
 
 def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
+    """Call ``write(tmp_path)`` then atomically move the result to ``path``.
+
+    Stale temporary files of ``path`` left by a killed save are removed first
+    (see the module docstring for why that is safe).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # marks the file as owned by a live writer until we close it
+    else:  # pragma: no cover - Windows cannot rename a file that is still open
+        os.close(fd)
+        fd = None
     try:
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; saved weights are ordinary files
@@ -33,7 +55,49 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete ``.<name>.*.tmp`` files a killed save of ``path`` left behind; returns what was removed.
+
+    Only files named exactly as :func:`atomic_write_bytes` names them, last
+    modified before this process started, and not locked by a writer are removed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed = []
+    try:
+        candidates = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return removed
+    for tmp in candidates:
+        try:
+            if not tmp.is_file() or tmp.is_symlink() or tmp.stat().st_mtime >= _PROCESS_START:
+                continue
+            if _owned_by_a_live_writer(tmp):
+                continue
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:  # gone already, or not ours to delete: leave it
+            continue
+    return removed
+
+
+def _owned_by_a_live_writer(tmp: Path) -> bool:
+    if fcntl is None:
+        return False  # Windows refuses to delete a file another process has open
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock we may have taken
+    return False
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> Path:
@@ -60,7 +124,15 @@ def read_metadata(path) -> dict:
             f"{path} is not a readable safetensors file ({e}). It may be truncated or "
             "corrupt: re-create it (see README, 'Regenerating the data')."
         ) from e
-    return {k: json.loads(v) for k, v in raw.items()}
+    return {k: _json_or_text(v) for k, v in raw.items()}
+
+
+def _json_or_text(value: str):
+    """sara-edu stores JSON; diffusers and transformers store plain text such as ``{"format": "pt"}``."""
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        return value
 
 
 def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -142,6 +214,8 @@ def load_state(path):
     tensors, meta = load_tensors(path)
     if "state" not in meta:
         raise CheckpointError(f"{path} holds no saved state (it was not written by save_state)")
+    if isinstance(meta["state"], str):  # metadata that is not JSON comes back as text: damaged
+        raise CheckpointError(f"{path} has damaged metadata: its saved state is not valid JSON. Restore the file.")
 
     def decode(obj):
         if isinstance(obj, dict):
@@ -155,4 +229,10 @@ def load_state(path):
             return [decode(v) for v in obj]
         return obj
 
-    return decode(meta["state"])
+    try:
+        return decode(meta["state"])
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # tampered structure: say so, never a bare KeyError
+        raise CheckpointError(f"{path} has damaged metadata: its saved state does not have the structure "
+                              f"save_state writes ({type(e).__name__}: {e}). Restore the file.") from e

@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +51,114 @@ def test_missing_corrupt_and_pickle_files(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
         load_tensors(tmp_path / "t.safetensors")
+
+
+# --- files written by other tools, and saves killed outright ---------------------------------------------
+
+
+def test_metadata_written_by_diffusers_or_transformers_is_read_as_text(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(2)}, str(path), metadata={"format": "pt", "step": "3", "note": "{not json"})
+    assert read_metadata(path) == {"format": "pt", "step": 3, "note": "{not json"}
+    tensors, meta = load_tensors(path)
+    assert torch.equal(tensors["a"], torch.ones(2)) and meta["format"] == "pt"
+
+
+def _stale(path, age_s=3600.0, name="abcd1234"):
+    """A temporary file as a killed save of ``path`` leaves it, last written ``age_s`` ago."""
+    import time
+
+    tmp = path.parent / f".{path.name}.{name}.tmp"
+    tmp.write_bytes(b"\0" * 1000)
+    os.utime(tmp, (time.time() - age_s, time.time() - age_s))
+    return tmp
+
+
+def test_a_save_killed_with_sigkill_is_cleaned_up_by_the_next_save(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "w.safetensors"
+    pid = os.fork()
+    if pid == 0:  # the child dies mid-save, as under kill -9: no except/finally runs
+        try:
+            from sara_edu.io import atomic_write_bytes
+
+            def die(tmp):
+                with open(tmp, "wb") as f:
+                    f.write(b"\0" * 100_000)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            atomic_write_bytes(path, die)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".w.safetensors.") and left[0].endswith(".tmp")
+    # This (older) process leaves it alone: the file is newer than the process, so it might be a live save.
+    save_tensors({"a": torch.ones(3)}, path)
+    assert len(list(tmp_path.iterdir())) == 2
+    # The next run (a new process, as after a crash) removes it.
+    code = ("import torch; from sara_edu.io import save_tensors; "
+            f"save_tensors({{'a': torch.zeros(3)}}, {str(path)!r})")
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    assert torch.equal(load_tensors(path)[0]["a"], torch.zeros(3))
+
+
+def test_stale_temporaries_are_removed_only_when_surely_dead_and_only_for_that_path(tmp_path):
+    import fcntl
+
+    path = tmp_path / "w.safetensors"
+    stale = _stale(path)
+    locked = _stale(path, name="lock_123")
+    recent = _stale(path, age_s=-5, name="new45678")  # written after this process started
+    others = [_stale(tmp_path / "other.safetensors"), _stale(path, name="short"),
+              tmp_path / "w.safetensors.abcd1234.tmp"]
+    others[-1].write_bytes(b"x")
+    with open(locked, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a live writer in another process holds this lock while writing
+        save_tensors({"a": torch.ones(3)}, path)
+        assert not stale.exists()
+        assert locked.exists() and recent.exists() and all(o.exists() for o in others)
+    save_tensors({"a": torch.ones(3)}, path)  # the writer is gone: its file is stale now
+    assert not locked.exists() and recent.exists() and all(o.exists() for o in others)
+
+
+def test_a_live_save_keeps_its_temporary_file_even_if_it_looks_old(tmp_path):
+    import time
+
+    from sara_edu.io import atomic_write_bytes, remove_stale_temporaries
+
+    path = tmp_path / "w.bin"
+    removed = []
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"data")
+        os.utime(tmp, (time.time() - 3600, time.time() - 3600))  # as if written before this process started
+        removed.extend(remove_stale_temporaries(path))  # another process cleaning up meanwhile
+
+    atomic_write_bytes(path, write)
+    assert removed == [] and path.read_bytes() == b"data"
+
+
+@pytest.mark.parametrize("state,msg", [("{not json", "its saved state is not valid JSON"),
+                                       ({"__dict__": [["a"]]}, "does not have the structure save_state writes"),
+                                       ({"x": 1}, "does not have the structure save_state writes"),
+                                       ({"__tensor__": "t9"}, "incomplete: tensor t9 is missing")])
+def test_tampered_saved_state_gives_checkpoint_error(tmp_path, state, msg):
+    from safetensors.torch import save_file
+
+    from sara_edu.io import load_state
+
+    path = tmp_path / "s.safetensors"
+    text = state if isinstance(state, str) else json.dumps(state)
+    save_file({"t0": torch.ones(1)}, str(path), metadata={"state": text})
+    with pytest.raises(CheckpointError, match=msg):
+        load_state(path)

@@ -7,12 +7,20 @@ that runs *this* interpreter. A failing cell fails the test.
 
 Set ``SARA_EDU_EXECUTED_DIR=/some/folder`` to keep the executed notebooks
 (with outputs) for a look at the figures.
+
+What a saved notebook must still show is checked on the executed copy, saved and
+read back: a PNG for every widget cell, no progress bar left as a widget, and no
+figure wider than JupyterLab's column. A notebook copied to a folder outside the
+repository must run too (the first cell finds the package and the shipped model),
+and without the package its first cell must stop with the pip command.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import struct
+import subprocess
 import sys
 import time
 import warnings
@@ -29,6 +37,10 @@ MAX_CODE_CELL_LINES = 20         # "short cells that call sara_edu": logic lives
 CELL_TIMEOUT_S = 600
 QUICK_BUDGET_S = 180             # the course's promise for the QUICK setting on a 2-core CPU
 KERNEL_NAME = "sara-edu-test"
+SOLUTIONS_DIR = NOTEBOOK_DIR / "solutions"
+MAX_PNG_WIDTH_PX = 900           # JupyterLab's notebook column: a wider figure is shrunk and its labels blur
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+INSTALL_HINT = "%pip install sara-edu"
 
 
 def _ids(path):
@@ -48,6 +60,7 @@ def test_notebook_is_committed_clean_and_follows_the_conventions(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+    assert "widgets" not in nb.metadata, f"{path.name} carries saved widget state: strip it (same command as outputs)"
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, \
@@ -66,6 +79,21 @@ def test_notebook_is_committed_clean_and_follows_the_conventions(path):
     exercises = next(t for t in markdown if any("exercise" in line.lower() for line in t.splitlines() if line.startswith("#")))
     n_exercises = sum(1 for line in exercises.splitlines() if line.lstrip()[:2] in {f"{k}." for k in range(1, 10)})
     assert 2 <= n_exercises <= 3, f"{path.name}: give 2-3 numbered exercises (found {n_exercises})"
+    hints = exercises.count("<summary>Hint</summary>")
+    assert hints == n_exercises, f"{path.name}: give every exercise a folded hint (<details><summary>Hint</summary>)"
+    solutions = SOLUTIONS_DIR / f"{path.stem}.md"
+    assert solutions.is_file(), f"{path.name}: write the worked solutions to {solutions.relative_to(REPO)}"
+    solved = re.findall(r"^## (\d+)\.", solutions.read_text(), flags=re.MULTILINE)
+    assert solved == [str(k) for k in range(1, n_exercises + 1)], \
+        f"{solutions.name}: one '## k.' section per exercise, in order (found {solved})"
+    kinds = [c.cell_type for c in nb.cells]
+    predict = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "**Predict, then run.**" in c.source]
+    check = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "<summary>Check your prediction" in c.source]
+    assert len(predict) == 1 and len(check) == 1 and predict[0] < check[0] and "code" in kinds[predict[0]:check[0]], \
+        f"{path.name}: one '**Predict, then run.**' question, then the code cell, then its folded answer"
+    first_code = next(c.source for c in nb.cells if c.cell_type == "code")
+    assert "except ModuleNotFoundError" in first_code and INSTALL_HINT in first_code, \
+        f"{path.name}: the first code cell must import sara_edu inside try and name `{INSTALL_HINT}` when it is missing"
     text = "\n".join(markdown)
     assert "QUICK" in text, f"{path.name} must say what its QUICK setting changes"
     timing = re.compile(r"full setting[^.]*?\d+(\.\d+)?\s*(s|min|seconds|minutes|h)\b", re.IGNORECASE | re.DOTALL)
@@ -83,36 +111,102 @@ def kernel_spec_manager(tmp_path_factory):
     return KernelSpecManager(kernel_dirs=[str(prefix / "share" / "jupyter" / "kernels")], ensure_native_kernel=False)
 
 
-@pytest.mark.slow
-@pytest.mark.notebook
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
-def test_notebook_runs_top_to_bottom_in_quick_mode(path, tmp_path, kernel_spec_manager, monkeypatch):
+def _execute(nb, folder: Path, kernel_spec_manager, monkeypatch, name: str):
+    """Run ``nb`` in ``folder`` (QUICK, inline figures, this repository importable); return it saved and read back."""
     from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
 
-    work = tmp_path / "notebooks"
-    shutil.copytree(NOTEBOOK_DIR, work)
-    nb = nbformat.read(work / path.name, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
     monkeypatch.setenv("SARA_EDU_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")  # figures as outputs
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_spec_manager)
     client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, allow_errors=False,
-                            resources={"metadata": {"path": str(work)}})
-    start = time.perf_counter()
+                            resources={"metadata": {"path": str(folder)}})
+    saved = folder / f"executed_{name}"
     try:
         client.execute()
     finally:
+        nbformat.write(nb, saved)  # what Jupyter would save
         keep = os.environ.get("SARA_EDU_EXECUTED_DIR")
         if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)
-            nbformat.write(nb, Path(keep) / path.name)
+            shutil.copy(saved, Path(keep) / name)
+    return nbformat.read(saved, as_version=4)
+
+
+def _png_width(b64: str) -> int:
+    import base64
+
+    return struct.unpack(">I", base64.b64decode(b64)[16:20])[0]  # the IHDR chunk's width
+
+
+def _check_saved_outputs(nb, name: str) -> None:
+    """A saved notebook must show its figures without a kernel: PNGs for widget cells, no widget progress bars."""
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        bundles = [o.get("data", {}) for o in cell.outputs]
+        if "interactive_or_static(" in cell.source:
+            assert any("image/png" in b for b in bundles), f"{name} cell {i}: a widget cell must leave a PNG of its figure"
+        elif any(WIDGET_MIME in b for b in bundles):
+            raise AssertionError(f"{name} cell {i} left a widget (a tqdm bar?): it shows 'Error displaying widget' "
+                                 "once saved; use text output")
+        for b in bundles:
+            if "image/png" in b:
+                width = _png_width(b["image/png"])
+                assert width <= MAX_PNG_WIDTH_PX, \
+                    f"{name} cell {i}: a {width} px wide figure is shrunk to JupyterLab's column; size it for ~{MAX_PNG_WIDTH_PX} px"
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_notebook_runs_top_to_bottom_in_quick_mode(path, tmp_path, kernel_spec_manager, monkeypatch):
+    work = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOK_DIR, work)
+    nb = nbformat.read(work / path.name, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
+    start = time.perf_counter()
+    nb = _execute(nb, work, kernel_spec_manager, monkeypatch, path.name)
     elapsed = time.perf_counter() - start
     kernel_prefix = "".join(o.get("text", "") for o in nb.cells[-1].outputs).strip()
     assert Path(kernel_prefix) == Path(sys.prefix), f"the kernel ran {kernel_prefix}, not this venv ({sys.prefix})"
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    _check_saved_outputs(nb, path.name)
     print(f"{path.name}: {elapsed:.0f} s in the QUICK setting")
     if elapsed > QUICK_BUDGET_S:  # a budget, reported rather than a timed assertion
         warnings.warn(f"{path.name} took {elapsed:.0f} s in the QUICK setting (budget {QUICK_BUDGET_S} s)")
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_a_notebook_copied_outside_the_repository_finds_the_package_and_the_model(tmp_path, kernel_spec_manager,
+                                                                                  monkeypatch):
+    """A student downloads one notebook into a fresh folder: it must run there, alone (QUICK)."""
+    folder = tmp_path / "fresh folder"
+    folder.mkdir()
+    assert REPO not in folder.resolve().parents
+    shutil.copy(NOTEBOOK_DIR / "00_welcome.ipynb", folder)
+    nb = _execute(nbformat.read(folder / "00_welcome.ipynb", as_version=4), folder, kernel_spec_manager, monkeypatch,
+                  "00_welcome.ipynb")
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    said = "".join(o.get("text", "") for o in first.outputs)
+    from sara_edu.world.paths import PRETRAINED_DIR
+
+    assert "sara_edu " in said and f"course model: {PRETRAINED_DIR}" in said, said
+    _check_saved_outputs(nb, "00_welcome.ipynb (outside the repository)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_without_the_package_the_first_cell_stops_with_the_pip_command(path, tmp_path):
+    """No sara_edu in the kernel (a hosted Jupyter): one message naming the install command, not a deep traceback."""
+    first = next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # -I -S: no site-packages, no PYTHONPATH, not the repository: the package cannot be found
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", first], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: sara_edu is not installed in this kernel") and INSTALL_HINT in last, \
+        run.stderr

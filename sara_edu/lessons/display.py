@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
+#: The widest figure (inches) that JupyterLab's notebook column (about 900 px) shows without shrinking it:
+#: a wider one is scaled down, and its 8-9 pt labels become 6-7 px. Every lesson figure fits in it.
+COLUMN_WIDTH_IN = 9.0
+
 
 def to_display(images):
     """(N, 3, H, W) in [-1, 1] (torch or NumPy) -> (N, H, W, 3) float array in [0, 1] for imshow."""
@@ -33,6 +37,7 @@ def show_images(images, titles=None, nrow: int | None = None, *, suptitle: str |
     ``images``: (N, 3, H, W) in [-1, 1], the format :func:`sara_edu.generate` returns.
     ``nrow``: images per row (default: all in one row, at most 10).
     ``titles``: one short title per image; ``row_labels``: one label per row.
+    ``size``: inches per image, reduced when a row would be wider than :data:`COLUMN_WIDTH_IN`.
     """
     import matplotlib.pyplot as plt
 
@@ -48,8 +53,9 @@ def show_images(images, titles=None, nrow: int | None = None, *, suptitle: str |
     rows = -(-n // per_row)
     if row_labels is not None and len(row_labels) != rows:
         raise ConfigError(f"got {len(row_labels)} row labels for {rows} rows")
-    fig, axes = plt.subplots(rows, per_row, figsize=(size * per_row + (1.2 if row_labels else 0), size * rows + 0.3),
-                             squeeze=False)
+    label_room = 1.2 if row_labels else 0
+    size = min(size, (COLUMN_WIDTH_IN - label_room) / per_row)  # many per row: smaller tiles, not a wider figure
+    fig, axes = plt.subplots(rows, per_row, figsize=(size * per_row + label_room, size * rows + 0.3), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])

@@ -10,6 +10,14 @@
 * **Timing.** ``with timed("generation"):`` prints how long a cell took, so the
   notebooks can state (measured, not guessed) what the full setting costs.
 * :func:`environment_report` says what the notebook is running on.
+* **Anywhere.** A notebook opened outside the repository (a hosted Jupyter, a fresh
+  folder) first imports ``sara_edu`` inside ``try``; without it the cell stops with one
+  message naming the ``pip install`` command. :func:`locate_course` (called by
+  :func:`setup_notebook`) then says which ``sara_edu`` and which shipped model the
+  notebook uses, or what to do when the model is missing.
+* **Saved output stays readable.** :func:`setup_notebook` switches ``tqdm`` progress
+  bars to plain text (:func:`use_text_progress_bars`): a widget bar saved in a notebook
+  shows "Error displaying widget" once the kernel is gone.
 
 Committed notebooks carry no outputs; ``python -m sara_edu.lessons.notebook --strip
 notebooks/*.ipynb`` removes them (the notebook tests check it).
@@ -24,7 +32,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -59,10 +67,12 @@ def setting_banner(**values) -> str:
     return f"{name}" + (f": {details}" if details else "")
 
 
-def setup_notebook(seed: int = 0, **setting) -> None:
+def setup_notebook(seed: int = 0, *, needs_model: bool = True, **setting) -> None:
     """The first call of every course notebook: seed everything, set readable display
-    defaults (pandas shows 4 significant digits, figures a legible size) and print
-    which setting (QUICK or full) runs with which values (:func:`setting_banner`).
+    defaults (pandas shows 4 significant digits, figures a legible size), draw progress
+    bars as text, print which setting (QUICK or full) runs with which values
+    (:func:`setting_banner`) and where the course comes from (:func:`locate_course`;
+    ``needs_model=False`` for a notebook that does not use the shipped model).
 
         STEPS = course.choose(quick=10, full=25)
         course.setup_notebook(steps=STEPS)
@@ -70,13 +80,65 @@ def setup_notebook(seed: int = 0, **setting) -> None:
     import matplotlib as mpl
     import pandas as pd
 
+    where = locate_course(needs_model=needs_model)  # first: a missing model is the one thing to fix
     seed_everything(seed)
+    use_text_progress_bars()
     pd.set_option("display.float_format", "{:.4g}".format)
     pd.set_option("display.max_columns", 20)
     pd.set_option("display.width", 140)
     pd.set_option("display.max_colwidth", 60)
     mpl.rcParams.update({"figure.dpi": 90, "savefig.dpi": 90, "axes.titlesize": 10, "axes.labelsize": 9})
     print(setting_banner(**setting))  # printed, not returned: a returned str would show twice in the cell
+    print(where)
+
+
+def locate_course(*, needs_model: bool = True) -> str:
+    """Which ``sara_edu`` this kernel imports and where its shipped model is, as one line.
+
+    Raises :class:`~sara_edu.errors.CheckpointError` with what to do when the shipped
+    model is not where the package looks for it (and ``needs_model``): a notebook
+    should stop at its first cell with that message, not fail later with a missing file.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..world.paths import PRETRAINED_DIR, check_data_dir
+
+    if needs_model:
+        check_data_dir()  # a SARA_EDU_DATA naming no folder is the thing to fix, not a missing file inside it
+    package = Path(__file__).resolve().parents[1]
+    try:
+        release = version("sara-edu")
+    except PackageNotFoundError:  # imported from a checkout on sys.path, not installed
+        release = "not installed, imported from a folder"
+    model = Path(PRETRAINED_DIR)
+    missing = [name for name in ("config.json", "unet.safetensors", "text_encoder.safetensors")
+               if not (model / name).is_file()]
+    if missing and needs_model:
+        raise CheckpointError(
+            f"the shipped course model is not in {model} (missing: {', '.join(missing)}). Install the course "
+            "with `%pip install sara-edu` and restart the kernel (the package carries the model), or in a clone "
+            "of the repository run `make data`; or set SARA_EDU_DATA to a folder that holds tiny_diffusion/.")
+    found = "missing" if missing else str(model)
+    return f"sara_edu {release} from {package}; course model: {found}"
+
+
+def use_text_progress_bars() -> None:
+    """Make ``tqdm.auto`` (what the training loop and the metrics use) draw plain-text bars on stdout.
+
+    In a notebook ``tqdm.auto`` draws a widget. Saved and reopened without the kernel, every
+    such bar becomes "Error displaying widget: model not found"; a text bar is ordinary output
+    that stays readable (and a bar with ``leave=False`` leaves nothing behind).
+    """
+    import tqdm.auto
+    from tqdm.asyncio import tqdm as text_tqdm
+
+    class TextProgressBar(text_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("file", sys.stdout)  # stderr would be shown as a warning-coloured block
+            kwargs.setdefault("ncols", 100)
+            super().__init__(*args, **kwargs)
+
+    tqdm.auto.tqdm = TextProgressBar  # tqdm.auto.trange builds on this name too
 
 
 def seed_everything(seed: int = 0) -> int:
@@ -117,7 +179,7 @@ def timed(label: str = "cell", *, quiet: bool = False):
 
 
 def environment_report():
-    """What this notebook runs on, as a pandas Series (index: item, value: answer).
+    """What this notebook runs on, as a one-column table (index: item, column ``value``).
 
     Device, library versions, the GPU if any, where the shipped model lives and
     whether it is there, and the QUICK setting. Read it before asking "why is
@@ -158,11 +220,13 @@ def environment_report():
         "pretraining checkpoints": ", ".join(checkpoints) if checkpoints else "none",
         "QUICK setting": is_quick(),
     }
-    return pd.Series(report, name="value", dtype=object).rename_axis("item")
+    # a DataFrame, not a Series: Jupyter draws it as a table, a Series as text ending in "dtype: object"
+    return pd.DataFrame({"value": pd.Series(report, dtype=object)}).rename_axis("item")
 
 
 def strip_notebook_outputs(paths) -> list[Path]:
-    """Remove outputs and execution counts from notebooks in place (atomic write); return the paths changed."""
+    """Remove outputs, execution counts and saved widget state from notebooks in place (atomic write);
+    return the paths changed. (``make lab`` saves widget state with a notebook, see the Makefile.)"""
     import nbformat
 
     from ..io import atomic_write_bytes
@@ -170,7 +234,7 @@ def strip_notebook_outputs(paths) -> list[Path]:
     changed = []
     for path in map(Path, paths):
         nb = nbformat.read(path, as_version=4)
-        dirty = False
+        dirty = nb.metadata.pop("widgets", None) is not None
         for cell in nb.cells:
             if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count") is not None):
                 cell.outputs, cell.execution_count = [], None

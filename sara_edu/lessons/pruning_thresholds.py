@@ -218,9 +218,9 @@ def plot_quality_vs_pruning(table):
     import matplotlib.pyplot as plt
 
     x = 100 * table["pruned_fraction"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
     left.plot(x, table["fid"], "o-", color="tab:red")
-    left.set_ylabel("FID analogue (feature units², lower is better)")
+    left.set_ylabel("FID analogue (feature units²,\nlower is better)")
     left.set_title("Distance of samples to real digits")
     for col, style, label in (("agreement", "o-", "prompt agreement (digit and look right)"),
                               ("digit_acc", "s--", "digit accuracy"), ("look_acc", "^:", "look accuracy")):
@@ -230,7 +230,7 @@ def plot_quality_vs_pruning(table):
     right.set_title("Do samples still follow the prompt?")
     right.legend(fontsize=8, loc="lower left")
     for ax in (left, right):
-        ax.set_xlabel("parameters zeroed (% of the UNet, smallest |w| first)")
+        ax.set_xlabel("parameters zeroed\n(% of the UNet, smallest |w| first)")
         ax.axvspan(0, 20, color="tab:green", alpha=0.07, lw=0)
         ax.grid(alpha=0.3)
     left.text(10, 0.98, "what SaRA\nretrains (≤ 20%)", transform=left.get_xaxis_transform(), ha="center",

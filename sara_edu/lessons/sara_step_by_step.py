@@ -18,6 +18,7 @@ fine-tuned copy of it.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,49 @@ MB = 2**20
 
 
 # ------------------------------------------------------------------ the mask
+
+# --------------------------------------------------------------------------- SaRA from scratch (section 1)
+
+
+def fixed_batches(pipe, dataset, steps: int, batch_size: int = 8, seed: int = 0) -> list[dict]:
+    """``steps`` denoising batches drawn once, so two optimizers can be fed exactly the same data.
+
+    Each batch holds the noised images ``x_t``, their timesteps ``t``, the text conditioning
+    ``cond`` and the ``noise`` the UNet must predict (the training loop's loss, fixed in advance).
+    """
+    from diffusers import DDPMScheduler
+
+    if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"steps and batch_size must be positive integers, got steps={steps!r}, "
+                          f"batch_size={batch_size!r}")
+    schedule = DDPMScheduler.from_config(pipe.scheduler_config)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    with torch.no_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, len(dataset), (batch_size,), generator=gen).tolist()
+            x0 = torch.stack([dataset[i]["pixel_values"] for i in idx])
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, schedule.config.num_train_timesteps, (batch_size,), generator=gen)
+            batches.append({"x_t": schedule.add_noise(x0, noise, t), "t": t, "noise": noise,
+                            "cond": pipe.encode([dataset[i]["prompt"] for i in idx])})
+    return batches
+
+
+def denoising_loss(unet, batch: dict) -> torch.Tensor:
+    """The training loss on one :func:`fixed_batches` batch, in the UNet's own precision."""
+    dtype = next(unet.parameters()).dtype
+    pred = unet(batch["x_t"].to(dtype), batch["t"], batch["cond"].to(dtype)).sample
+    return torch.nn.functional.mse_loss(pred, batch["noise"].to(dtype))
+
+
+def max_weight_difference(a, b) -> float:
+    """Largest absolute difference between two models' weights of the same names and shapes."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    if pa.keys() != pb.keys() or any(pa[n].shape != pb[n].shape for n in pa):
+        raise ConfigError("the two models have different weights (names or shapes): compare copies of one model")
+    return max(float((pa[n].detach().double() - pb[n].detach().double()).abs().max()) for n in pa)
+
 
 def mask_figure(model, fraction: float = 0.1):
     """Bar per layer: the share of its entries with |w| below the global θ for ``fraction``.
@@ -90,6 +134,8 @@ def matrix_weights(model, min_side: int = 2) -> list[str]:
 
 def rank_for_energy(sigma, energy: float = 0.9) -> int:
     """How many of the largest singular values hold ``energy`` of ``Σσ²`` (0 for a zero update)."""
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise ConfigError(f"energy must be a share in (0, 1] (0.9 = 90% of the update's energy), got {energy!r}")
     sigma = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
     total = float((sigma**2).sum())
     if total == 0:
@@ -140,7 +186,7 @@ def plot_update_spectra(before, runs: dict, name: str | None = None):
     if name is None:
         sizes = {n: named_weights(before)[n].numel() for n in table.name.unique()}
         name = max(sizes, key=sizes.get)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
     colours = plt.get_cmap("tab10")
     for i, (label, after) in enumerate(runs.items()):
         sigma = update_spectrum(before, after, name)
@@ -151,18 +197,18 @@ def plot_update_spectra(before, runs: dict, name: str | None = None):
     left.set_ylabel("σ_i / σ_1 (log scale)")
     left.set_title(f"Spectrum of the learned update ΔW\n{name}", fontsize=9)
     left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below: the labels are long
     labels = list(runs)
     data = [table.loc[table.run == label, "nuclear_over_frobenius"].to_numpy() for label in labels]
     box = right.boxplot(data, patch_artist=True)
-    right.set_xticks(range(1, len(labels) + 1), labels)
+    right.set_xticks(range(1, len(labels) + 1), [textwrap.fill(label, 16) for label in labels], fontsize=8)
     for patch, i in zip(box["boxes"], range(len(labels))):
         patch.set_facecolor(colours(i))
         patch.set_alpha(0.5)
     for i, values in enumerate(data):
         right.scatter(np.full(len(values), i + 1.0) + np.linspace(-0.12, 0.12, len(values)), values, s=8,
                       color=colours(i), zorder=3)
-    right.set_ylabel("‖ΔW‖* / ‖ΔW‖_F  (1 = rank one; lower = more low-rank)")
+    right.set_ylabel("‖ΔW‖* / ‖ΔW‖_F\n(1 = rank one; lower = more low-rank)")
     right.set_title(f"Every matrix weight ({len(data[0])} per run)", fontsize=9)
     right.grid(axis="y", alpha=0.3)
     fig.tight_layout()

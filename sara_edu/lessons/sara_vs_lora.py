@@ -140,6 +140,7 @@ class Comparison:
     style: str
     runs: dict[str, FineTuned]
     settings: dict = field(default_factory=dict)
+    step_times: pd.DataFrame | None = None  # from fair_step_times: interleaved, process CPU, tracker off
 
     @property
     def pipes(self) -> dict:
@@ -163,13 +164,48 @@ class Comparison:
                          "% of the UNet": 100 * run.trainable / total,
                          "saved file (MB)": run.file_bytes / MB,
                          "peak memory above frozen weights (MB)": run.memory.peak_above_frozen / MB,
-                         "median step time (s)": run.step_time_s,
+                         "median step time (s)": self._step_time(name, run),
                          "training time (s)": run.train_seconds,
                          "final loss (mean of last 10 steps)": float(run.history.loss.tail(10).mean())})
         return pd.DataFrame(rows).set_index("method")
 
+    def _step_time(self, name, run) -> float:
+        """The fair step time when it was measured, else the training run's own median (wall clock)."""
+        if self.step_times is not None and name in self.step_times.index:
+            return float(self.step_times.loc[name, "seconds"])
+        return run.step_time_s
+
 
 # ------------------------------------------------------------------ training
+
+
+def fair_step_times(pipe, dataset, methods: dict, *, lr=1e-3, batch_size: int = 16, repeats: int = 5,
+                    warmup: int = 1, seed: int = 0, reference: str | None = None) -> pd.DataFrame:
+    """Seconds per training step of each method, timed fairly (see :func:`~sara_edu.measure.timing.compare_step_times`).
+
+    Each method is attached to its own fresh copy of ``pipe`` and runs the same batch;
+    the methods take turns (interleaved rounds, warm-up excluded), the clock is the
+    process's CPU time on a CPU, and no memory tracker is active. ``methods``: ``{label:
+    TrainingMethod}`` not yet attached (copies are used, the originals stay untouched).
+    """
+    from ..measure.timing import compare_step_times
+    from .sara_step_by_step import denoising_loss, fixed_batches
+
+    (batch,) = fixed_batches(pipe, dataset, 1, batch_size=batch_size, seed=seed)
+    steps = {}
+    for name, method in methods.items():
+        work, method = copy.deepcopy(pipe), copy.deepcopy(method)
+        work.unet.train()
+        optimizer = method.build_optimizer(work.unet, lr=_lr_for(lr, name), weight_decay=1e-2,
+                                           total_steps=warmup + repeats + 1)
+
+        def step(unet=work.unet, optimizer=optimizer):
+            denoising_loss(unet, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    return compare_step_times(steps, repeats=repeats, warmup=warmup, reference=reference)
 
 def _check_base(pipe) -> None:
     from ..sara.attach import MODULE_FLAG, attached_owner
@@ -280,6 +316,7 @@ def finetune_methods(pipe, style: str, methods=DEFAULT_METHODS, *, steps: int = 
                           "the step time")
     resolved = _resolve_methods(methods, pipe.unet, fraction, lora_rank)
     rates = {name: _lr_for(lr, name) for name in resolved}  # a missing rate fails before any training
+    unattached = {name: copy.deepcopy(method) for name, method in resolved.items()}  # for the fair timing
     data = dataset if dataset is not None else StyleDataset(style, limit_per_digit=limit_per_digit)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -290,7 +327,9 @@ def finetune_methods(pipe, style: str, methods=DEFAULT_METHODS, *, steps: int = 
                                   progress=progress, device=device)
     settings = {"style": style, "steps": steps, "lr": lr, "batch_size": batch_size, "images": len(data),
                 "seed": seed, "fraction": fraction, "tracked_steps": tracked_steps}
-    return Comparison(pipe, style, runs, settings)
+    step_times = fair_step_times(pipe, data, unattached, lr=lr, batch_size=batch_size, seed=seed,
+                                 reference=next(iter(unattached)))
+    return Comparison(pipe, style, runs, settings, step_times)
 
 
 # ------------------------------------------------------------------ costs
@@ -319,47 +358,77 @@ def _colour(name):
     return COLOURS.get(name, None)
 
 
+def _short_names(names, width: int = 12) -> list[str]:
+    """Method names wrapped onto lines of about ``width`` characters, for tick labels under narrow bars."""
+    import textwrap
+
+    return [textwrap.fill(str(n), width, break_on_hyphens=False) for n in names]
+
+
+def _stacked_memory(ax, frame: pd.DataFrame, categories, palette) -> pd.Series:
+    """Stack ``categories`` (MB) per method on ``ax``; return each method's total."""
+    names = list(frame.index)
+    bottom = pd.Series(0.0, index=names)
+    for c in categories:
+        col = c.replace("_", " ")
+        ax.bar(range(len(names)), frame[col], bottom=bottom, label=col, color=palette[c], width=0.6)
+        bottom += frame[col]
+    for x, total in enumerate(bottom):
+        ax.text(x, total, f"{total:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(float(bottom.max()), 1e-9) * 1.18)
+    ax.set_xticks(range(len(names)), _short_names(names), fontsize=8)
+    return bottom
+
+
 def plot_costs(comparison: Comparison, title: str | None = None):
-    """Four panels per method: peak-memory breakdown (MB), median step time (s),
-    trained values (thousands) and saved file size (MB)."""
+    """What each method costs, in two rows sized for the notebook column.
+
+    Top: peak training memory above the frozen weights split by what it holds (MB), and
+    next to it the method's *own* memory (the same parts without activations + transients,
+    which are set by the batch and the model, not the method) on its own scale, so that a
+    difference of a few MB is not lost beside tens of MB of activations. Bottom: median
+    step time (s), trained values (thousands) and saved file size (MB).
+    """
     import matplotlib.pyplot as plt
 
     frame = memory_breakdown_frame(comparison)
     costs = comparison.costs()
     names = list(frame.index)
-    fig, axes = plt.subplots(1, 4, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.6, 1, 1, 1]})
-    ax = axes[0]
-    bottom = pd.Series(0.0, index=names)
-    palette = plt.get_cmap("tab10")
-    for i, c in enumerate(CATEGORIES):
-        col = c.replace("_", " ")
-        ax.bar(names, frame[col], bottom=bottom, label=col, color=palette(i), width=0.6)
-        bottom += frame[col]
-    own = frame["peak above frozen"] - frame["activations transients"]  # what the method itself holds
-    for x, (total, mine) in enumerate(zip(bottom, own)):
-        ax.text(x, total, f"{total:.1f}\n(method's own: {mine:.1f})", ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, float(bottom.max()) * 1.25)
-    ax.set_ylabel("MB at the peak (above the frozen weights)")
-    ax.set_title("Peak training memory, by what it holds")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, framealpha=0.9)
+    fig = plt.figure(figsize=(9, 7.6))
+    grid = fig.add_gridspec(3, 6, height_ratios=[1.25, 0.14, 1])  # the middle row holds the legend
+    everything, own = fig.add_subplot(grid[0, :3]), fig.add_subplot(grid[0, 3:])
+    palette = dict(zip(CATEGORIES, plt.get_cmap("tab10").colors))
+    method_parts = [c for c in CATEGORIES if c != "activations_transients"]
+    _stacked_memory(everything, frame, CATEGORIES, palette)
+    everything.set_ylabel("MB at the peak (above the frozen weights)")
+    everything.set_title("Peak training memory, all of it", fontsize=10)
+    _stacked_memory(own, frame, method_parts, palette)
+    own.set_ylabel("MB at the peak")
+    own.set_title("The method's own part (without activations),\non its own scale", fontsize=10)
+    legend = fig.add_subplot(grid[1, :])
+    legend.axis("off")
+    legend.legend(*everything.get_legend_handles_labels(), fontsize=8, loc="center", ncol=5, frameon=False)
     colours = [_colour(n) for n in names]
-    panels = [(axes[1], costs["median step time (s)"], "seconds per optimizer step", "Median step time", "{:.2f} s"),
-              (axes[2], costs["trainable parameters"] / 1e3, "thousands of numbers trained", "Trained values",
-               "{:,.0f}k"),
-              (axes[3], costs["saved file (MB)"], "MB on disk", "Saved file (what you ship)", "{:.2f} MB")]
-    for ax, values, ylabel, panel_title, fmt in panels:
-        ax.bar(names, values, color=colours, width=0.6)
+    clock = "process CPU s" if comparison.step_times is None else comparison.step_times.clock.iloc[0]
+    panels = [("median step time (s)", 1, f"seconds per step ({clock})", "Step time (fair, interleaved)", "{:.3f} s"),
+              ("trainable parameters", 1e3, "thousands of numbers trained", "Trained values", "{:,.0f}k"),
+              ("saved file (MB)", 1, "MB on disk", "Saved file (what you ship)", "{:.2f} MB")]
+    for i, (column, unit, ylabel, panel_title, fmt) in enumerate(panels):
+        ax = fig.add_subplot(grid[2, 2 * i:2 * i + 2])
+        values = costs[column].reindex(names) / unit
+        ax.bar(range(len(names)), values, color=colours, width=0.6)
         for x, v in enumerate(values):
-            ax.text(x, v, fmt.format(v), ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.set_title(panel_title)
-        ax.set_ylim(0, max(float(values.max()), 1e-12) * 1.18)
-    for ax in axes:
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+            ax.text(x, v, fmt.format(v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(names)), _short_names(names), fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_ylim(0, max(float(values.max()), 1e-12) * 1.2)
+    for ax in fig.axes:
+        ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     s = comparison.settings
     fig.suptitle(title or f"What fine-tuning costs: {s.get('steps')} steps, batch {s.get('batch_size')}, "
-                          f"'{comparison.style}' style (memory: attach + first {s.get('tracked_steps')} steps, CPU)",
+                          f"'{comparison.style}' style\n(memory: attach + first {s.get('tracked_steps')} steps, CPU)",
                  fontsize=11)
     fig.tight_layout()
     return fig
@@ -548,18 +617,19 @@ def plot_metric_table(table: pd.DataFrame, title: str | None = None):
                "plain prompts, digits 0-9\nkept skill", 100),
               ("unseen_agreement", "% of samples: digit and look right",
                f"'{style}' style on unseen digits 7-9\ngeneralisation", 100)]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 4))
-    for ax, (col, ylabel, panel_title, scale) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.8))  # 2 x 2: four panels in a row would not fit the column
+    for ax, (col, ylabel, panel_title, scale) in zip(axes.flat, panels):
         values = table[col] * scale
-        ax.bar(names, values, color=colours, width=0.6)
+        ax.bar(range(len(names)), values, color=colours, width=0.6)
+        ax.set_xticks(range(len(names)), _short_names(names), fontsize=8)
         for x, v in enumerate(values):
             ax.text(x, v, f"{v:.0f}" if scale == 100 or abs(v) >= 100 else f"{v:.3g}", ha="center", va="bottom",
                     fontsize=8)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(panel_title, fontsize=9)
         if scale == 100:
             ax.set_ylim(0, 110)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     n = table.attrs.get("n_per_digit")
     fig.suptitle(title or f"What each model learned, kept and generalised"

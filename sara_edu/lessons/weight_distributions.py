@@ -138,6 +138,10 @@ def weight_stats(model, threshold: float | None = None, quantiles=(0.01, 0.1, 0.
     qs = torch.tensor(list(quantiles), dtype=torch.float64)
     if len(qs) and not ((qs >= 0) & (qs <= 1)).all():
         raise ConfigError(f"quantiles must lie in [0, 1], got {list(quantiles)}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not threshold > 0):
+        raise ConfigError(f"threshold must be a positive number (|w| < threshold counts as small, e.g. 2e-3) or "
+                          f"None, got {threshold!r}")
     rows = []
     for name, w in named_weights(model).items():
         a = w.abs().flatten().double().cpu()
@@ -271,8 +275,10 @@ def pretraining_snapshots(folder=None) -> list[Snapshot]:
     from pathlib import Path
 
     from ..world.model import list_checkpoints, load_pretrained
-    from ..world.paths import PRETRAINED_DIR
+    from ..world.paths import PRETRAINED_DIR, check_data_dir
 
+    if folder is None:
+        check_data_dir()
     folder = Path(folder or PRETRAINED_DIR)
     names = list_checkpoints(folder)
     if not names:
@@ -452,7 +458,7 @@ def plot_fraction_by_layer(table, column: str, *, reference: float | None = None
     import seaborn as sns
 
     if ax is None:
-        fig, ax = plt.subplots(figsize=(11, 3.6))
+        fig, ax = plt.subplots(figsize=(9, 3.6))
     fig = ax.figure
     layers = per_layer(table, [column])
     kinds = [k for k in KINDS if k in set(layers["kind"])]
@@ -463,8 +469,9 @@ def plot_fraction_by_layer(table, column: str, *, reference: float | None = None
     if reference is not None:
         handles.append(ax.axhline(reference, color="k", ls="--", lw=1))
         labels.append(reference_label or f"{reference:g}")
-    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="kind of layer",
-              title_fontsize=7)
+    # under the axis, not beside it: a legend on the right would make the figure wider than the notebook column
+    ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5,
+              title="kind of layer", title_fontsize=7, frameon=False)
     _forward_axis(ax, layers)
     ax.set_ylim(0, max(1e-3, float(layers[column].max()), reference or 0) * 1.08)
     ax.set_ylabel(ylabel)
@@ -482,7 +489,8 @@ def plot_global_vs_per_layer(model, fraction: float = 0.1):
     import matplotlib.pyplot as plt
 
     table = global_vs_per_layer(model, fraction)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4), gridspec_kw={"width_ratios": [1, 2.8]})
+    # one above the other: side by side, the ~100 layer bars would not fit the notebook column
+    fig, (left, right) = plt.subplots(2, 1, figsize=(9, 7.4), gridspec_kw={"height_ratios": [1, 1.5]})
     by_kind = (table.assign(selected=table.global_fraction * table.numel).groupby("kind", sort=False)
                [["selected", "numel"]].sum())
     by_kind = by_kind.reindex([k for k in KINDS if k in by_kind.index])
@@ -492,7 +500,7 @@ def plot_global_vs_per_layer(model, fraction: float = 0.1):
     left.invert_yaxis()
     left.set_xlabel("fraction of the kind's parameters selected")
     left.set_title(f"Smallest {fraction:.0%}: global vs per layer", fontsize=10)
-    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+    left.legend(fontsize=7, loc="lower right")
     plot_fraction_by_layer(table, "global_fraction", reference=fraction,
                            reference_label=f"per-layer {fraction:.0%}", ax=right,
                            title=f"Share of each layer below the global {fraction:.0%} threshold "
@@ -528,7 +536,7 @@ def plot_stability(snapshots, fraction: float = 0.1, scope: str = "global"):
     import matplotlib.pyplot as plt
 
     table = smallest_set_stability(snapshots, fraction, scope)
-    fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 3.9))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(9, 3.9))
     x = 100 * table["progress"]
     ax.plot(x, table["retained"], "o-", label="retained: share still in the final smallest set")
     ax.plot(x, table["jaccard"], "s--", label="Jaccard overlap with the final set")
@@ -538,7 +546,7 @@ def plot_stability(snapshots, fraction: float = 0.1, scope: str = "global"):
     ax.set_xlabel("pretraining progress (% of training steps)")
     ax.set_ylabel("overlap (fraction of the set)")
     ax.set_ylim(0, 1.08)
-    ax.set_title(f"Are the smallest {fraction:.0%} the same weights over training?", fontsize=10)
+    ax.set_title(f"Are the smallest {fraction:.0%} the same\nweights over training?", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     first = snapshots[0]
     pct = final_percentiles(first, snapshots[-1], fraction).numpy()
@@ -547,7 +555,7 @@ def plot_stability(snapshots, fraction: float = 0.1, scope: str = "global"):
                   label=f"still in the final smallest {fraction:.0%}: {(pct < 100 * fraction).mean():.0%}")
     right.set_xlabel("percentile of |w| in the final model (0 = smallest)")
     right.set_ylabel("number of parameters")
-    right.set_title(f"Where did the smallest {fraction:.0%} at {first.progress:.0%} of pretraining end up?",
+    right.set_title(f"Where did the smallest {fraction:.0%} at {first.progress:.0%}\nof pretraining end up?",
                     fontsize=10)
     right.legend(fontsize=8)
     fig.tight_layout()

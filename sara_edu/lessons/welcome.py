@@ -49,7 +49,9 @@ def sara_overview_figure(weight=None, *, fraction: float = 0.25, grow: float = 0
     state[mask] = 1
     state[mask & (np.abs(merged) >= theta)] = 2
 
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    # 2 x 2, not 1 x 4: four panels in a row would be wider than the notebook column (display.COLUMN_WIDTH_IN)
+    fig, axes = plt.subplots(2, 2, figsize=(8.4, 7.2))
+    axes = axes.flatten()
     vmax = float(np.abs(w).max())
     ax = axes[0]
     im = ax.imshow(np.abs(w), cmap="Greys", vmin=0, vmax=vmax)
@@ -74,7 +76,8 @@ def sara_overview_figure(weight=None, *, fraction: float = 0.25, grow: float = 0
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel("input index")
-    axes[0].set_ylabel("output index")
-    fig.suptitle("SaRA in one picture: train the weights that pretraining left (temporarily) ineffective", fontsize=11)
+    for ax in axes[::2]:  # the left column
+        ax.set_ylabel("output index")
+    fig.suptitle("SaRA in one picture:\ntrain the weights that pretraining left (temporarily) ineffective", fontsize=11)
     fig.tight_layout()
     return fig

@@ -4,8 +4,9 @@ A course notebook is read in three ways: live in Jupyter (sliders move, the
 figure redraws), executed headless by CI (no front end at all), and as a static
 page (GitHub, nbviewer, an exported HTML) where only saved outputs show. So
 :func:`interactive_or_static` always calls the update function once with the
-default values and shows its result as an ordinary output: the figure is in the
-static page. When a Jupyter front end can exist it also shows the controls and,
+default values and shows its result as an ordinary output: the figure, as a
+PNG image, is in the static page (and in a notebook saved from Jupyter and
+reopened without a kernel, where the controls themselves cannot be drawn). When a Jupyter front end can exist it also shows the controls and,
 when one moves, redraws *that same output in place* (a display id update), so
 the page never fills up with stale figures.
 
@@ -22,6 +23,13 @@ from collections.abc import Callable
 from ..errors import ConfigError
 
 STATIC_TEXT = "(interactive controls: open this notebook in Jupyter to move them; the output below uses the defaults)"
+
+#: Width of every slider's track (the part right of its label), so sliders line up whatever their labels.
+TRACK_WIDTH = "330px"
+#: Longest drop-down label shown in full; longer ones lose their shared beginning (the tail tells them apart).
+MAX_LABEL_CHARS = 72
+#: Height of the status line under the controls: reserved even when empty, so "updating…" never moves the figure.
+STATUS_HEIGHT = "1.7em"
 
 
 class StaticControl:
@@ -78,7 +86,7 @@ def slider(default, min, max, step=None, *, log: bool = False, description: str 
     if w is None:
         return StaticControl(default, description or "")
     common = dict(description=description or "", continuous_update=False, style={"description_width": "initial"},
-                  layout=w.Layout(width="420px"))
+                  layout=w.Layout(width=f"calc({len(description or '') + 1}ch + {TRACK_WIDTH} + 9ch)"))
     if log:
         return w.FloatLogSlider(value=default, base=10, min=math.log10(min), max=math.log10(max),
                                 step=step or 0.05, readout_format=readout_format or ".2e", **common)
@@ -88,8 +96,34 @@ def slider(default, min, max, step=None, *, log: bool = False, description: str 
                          readout_format=readout_format or ".3g", **common)
 
 
+def option_labels(options, max_chars: int = MAX_LABEL_CHARS) -> list[str]:
+    """What a drop-down shows for each option: the option itself, or for long strings the part that differs.
+
+    Long tensor names share their beginning (``up_blocks.1.attentions.0.transformer_blocks.0.ff...``)
+    and differ near the end, so a too-narrow menu cuts exactly the part that tells them apart. When
+    the longest option has more than ``max_chars`` characters, the dotted components every option
+    starts with become "…", and what is still too long keeps its last ``max_chars`` characters
+    (unless two options would then look the same).
+    """
+    labels = [str(o) for o in options]
+    if max(map(len, labels)) <= max_chars:
+        return labels
+    parts = [label.split(".") for label in labels]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    if shared and len(labels) > 1:
+        labels = ["…" + ".".join(p[shared:]) for p in parts]
+    tails = [label if len(label) <= max_chars else "…" + label[-(max_chars - 1):] for label in labels]
+    return tails if len(set(tails)) == len(set(labels)) else labels  # never two options with one label
+
+
 def dropdown(options, default=None, *, description: str | None = None):
-    """A drop-down menu for :func:`interactive_or_static`; ``default`` is the first option if not given."""
+    """A drop-down menu for :func:`interactive_or_static`; ``default`` is the first option if not given.
+
+    The menu is as wide as its longest label (see :func:`option_labels` for very long ones),
+    so long names are shown whole; the value passed on is always the option itself.
+    """
     options = list(options)
     if not options:
         raise ConfigError("dropdown needs at least one option")
@@ -99,8 +133,11 @@ def dropdown(options, default=None, *, description: str | None = None):
     w = _ipywidgets()
     if w is None:
         return StaticControl(default, description or "")
-    return w.Dropdown(options=options, value=default, description=description or "",
-                      style={"description_width": "initial"})
+    labels = option_labels(options)
+    return w.Dropdown(options=list(zip(labels, options)), value=default, description=description or "",
+                      style={"description_width": "initial"},
+                      layout=w.Layout(width=f"calc({len(description or '') + 1}ch + {max(map(len, labels)) + 2}ch + 24px)",
+                                      max_width="100%"))
 
 
 def _is_control(obj) -> bool:
@@ -117,11 +154,28 @@ def _as_items(result, new_figures) -> list:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
-def _displayable(item):
-    if isinstance(item, str):
-        from IPython.display import Markdown
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes, cropped like Jupyter's inline backend crops it (``bbox_inches="tight"``)."""
+    import io
 
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _displayable(item):
+    """What to hand to ``display``: Markdown for a str, a PNG image for a figure, else the item itself.
+
+    A figure becomes a plain ``image/png`` output whatever matplotlib backend the kernel
+    uses: an interactive backend (``%matplotlib widget``) would show it as a widget, which
+    a notebook saved and reopened without its kernel cannot draw.
+    """
+    from IPython.display import Image, Markdown
+
+    if isinstance(item, str):
         return Markdown(item)
+    if hasattr(item, "savefig") and hasattr(item, "canvas"):
+        return Image(data=figure_png(item), format="png")
     return item
 
 
@@ -179,7 +233,7 @@ class InteractiveView:
             return
         import matplotlib.pyplot as plt
 
-        self._set_status("updating…")
+        self._set_status("<span style='color:#666'>updating…</span>")
         before = set(plt.get_fignums())
         try:
             new = self._call()
@@ -187,7 +241,9 @@ class InteractiveView:
             self.error = e
             for n in set(plt.get_fignums()) - before:  # half-drawn figures must not surface in a later cell
                 plt.close(n)
-            self._set_status(f"<span style='color:#b00'>error: {html.escape(f'{type(e).__name__}: {e}')}</span>")
+            message = html.escape(f"{type(e).__name__}: {e}", quote=True)
+            # one line (the full message on hover and in view.error), so the layout stays still
+            self._set_status(f"<span style='color:#b00; white-space:nowrap' title=\"{message}\">error: {message}</span>")
             return
         self.error = None
         if self._handles:
@@ -227,9 +283,11 @@ class InteractiveView:
         live = [c for c in self.controls.values() if not isinstance(c, StaticControl)]
         if w is None or not live:
             return None
+        _line_up(live)
         for c in live:
             c.observe(self.refresh, names="value")
-        self._status = w.HTML("")
+        # a reserved line: showing "updating…" must not push the figure down and back up on every redraw
+        self._status = w.HTML("", layout=w.Layout(height=STATUS_HEIGHT, overflow="hidden"))
         header = [w.HTML(f"<b>{title}</b>")] if title else []
         self.box = w.VBox([*header, *live, self._status])
         return self.box
@@ -237,6 +295,27 @@ class InteractiveView:
     def _ipython_display_(self):
         """Echoing the view (last line of a cell) shows nothing new: it is on screen already."""
         return None
+
+
+def _line_up(controls) -> None:
+    """Give every control the same label width, so the slider tracks start and end at the same place.
+
+    Each control alone would size its label to its text ("seed" vs "guidance scale") and the
+    tracks would start at different places. Widths are in ``ch`` (the width of a digit in
+    the widget font), which follows the font the browser actually uses.
+    """
+    described = [c for c in controls if getattr(c, "description", "")]
+    if not described:
+        return
+    w = _ipywidgets()
+    label = f"{max(len(c.description) for c in described) + 1}ch"
+    for c in controls:
+        c.style.description_width = label
+        if isinstance(c, w.Dropdown):  # room for its longest label and the arrow
+            chars = max(len(o[0] if isinstance(o, tuple) else str(o)) for o in c.options)
+            c.layout.width = f"calc({label} + {chars + 2}ch + 24px)"
+        elif hasattr(c, "readout"):  # a slider: label + the same track length for all + readout
+            c.layout.width = f"calc({label} + {TRACK_WIDTH} + 9ch)"
 
 
 class _Controls:

@@ -10,14 +10,17 @@ It needs only torch and safetensors (pandas is imported lazily, for reports)::
 One idea per module: :mod:`.selection` (which entries train), :mod:`.optimizer`
 (unstructured backpropagation), :mod:`.nuclear` (the low-rank penalty),
 :mod:`.progressive` (re-selection part-way), :mod:`.sparse_file` (tiny files),
-:mod:`.attach` (leaving a plain model behind); the compact state options:
-:mod:`.positions`, :mod:`.moments`, :mod:`.compact_step` and :mod:`.footprint`
-(bytes kept per trained entry)::
+:mod:`.attach` (leaving a plain model behind), :mod:`.grad` (the gradient a
+trained weight shows the loop: only its selected entries), :mod:`.distributed`
+(several processes: how to prepare model and optimizer, what SaRA all-reduces);
+the compact state options: :mod:`.positions`, :mod:`.moments`,
+:mod:`.compact_step` and :mod:`.footprint` (bytes kept per trained entry)::
 
     optimizer = SaRAAdamW(unet, lr=1e-4, compact=True)   # ~5.6 instead of ~16.6 bytes per trained entry
 """
 from .attach import attached_owner, detach, merge
 from .footprint import state_bytes
+from .grad import SelectedGrad
 from .nuclear import nuclear_norm_grad, nuclear_norm_penalty
 from .optimizer import SaRAAdamW
 from .progressive import progressive_adjust
@@ -26,4 +29,4 @@ from .sparse_file import SPARSE_FORMAT, load_sparse, save_sparse
 
 __all__ = ["SaRAAdamW", "Selection", "select_parameters", "nuclear_norm_grad", "nuclear_norm_penalty",
            "progressive_adjust", "save_sparse", "load_sparse", "SPARSE_FORMAT", "detach", "merge",
-           "attached_owner", "state_bytes"]
+           "attached_owner", "SelectedGrad", "state_bytes"]

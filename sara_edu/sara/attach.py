@@ -31,6 +31,21 @@ def attached_owner(model: nn.Module):
     return None
 
 
+def check_is_model(model, what: str) -> None:
+    """SaRA attaches to the model it trains (e.g. ``pipe.unet``), not to a pipeline or a parameter list."""
+    if isinstance(model, nn.Module):
+        return
+    if hasattr(model, "unet") or hasattr(model, "transformer"):
+        part = "unet" if hasattr(model, "unet") else "transformer"
+        raise ConfigError(f"{what} takes the model to train, not the whole {type(model).__name__}: "
+                          f"use {what}(pipe.{part}, ...)")
+    if isinstance(model, torch.Tensor) or hasattr(model, "__iter__") or hasattr(model, "__next__"):
+        raise ConfigError(f"{what} takes the model itself (e.g. pipe.unet), not its parameters "
+                          f"(got {type(model).__name__}): use {what}(unet, ...) instead of "
+                          f"{what}(unet.parameters(), ...); target_modules/layer_types choose the weights")
+    raise ConfigError(f"{what} takes a torch.nn.Module to train (e.g. pipe.unet), got {type(model).__name__}")
+
+
 def check_attachable(model: nn.Module, what: str) -> None:
     """Refuse to attach twice, or on top of LoRA adapters (never silent double training)."""
     owner = attached_owner(model)

@@ -13,10 +13,15 @@ How it works (Hu et al., ICLR 2025):
   1-D vector of the selected values plus its AdamW moments (the optimizer's
   params are these vectors, so the update is stock ``torch.optim.AdamW``,
   fused/foreach). A post-accumulate-grad hook on each weight gathers
-  ``grad.flatten()[idx]`` into the vector's grad and frees the dense ``.grad``
-  at once: a layer's dense gradient lives only while autograd hands it over,
-  the model-sized gradient never exists. After ``step()`` the vectors are
-  scattered back into the weights.
+  ``grad.flatten()[idx]`` into the vector's grad and replaces the dense
+  ``.grad`` at once by a :class:`~sara_edu.sara.grad.SelectedGrad` that holds
+  just that vector: a layer's dense gradient lives only while autograd hands it
+  over, the model-sized gradient never exists, and ``clip_grad_norm_(model.parameters())``
+  and ``model.zero_grad()`` still act on SaRA's gradients. After ``step()``
+  the vectors are scattered back into the weights.
+* **Several processes**: the selected gradients are all-reduced by SaRA
+  itself (:mod:`sara_edu.sara.distributed`, which says how to prepare model
+  and optimizer under Accelerate or torchrun).
 * **Low rank**: the nuclear-norm (sub)gradient of one randomly chosen 2-D
   weight per step is added inside ``step()`` (:mod:`sara_edu.sara.nuclear`).
 * **Progressive adjustment**: at ``progressive_iter``
@@ -27,6 +32,7 @@ The weights are trained in place, so a trained model *is* the merged model:
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import weakref
@@ -40,6 +46,7 @@ from ..errors import CheckpointError, ConfigError
 from .attach import (
     attached_model,
     check_attachable,
+    check_is_model,
     flat_view,
     mark_attached,
     release_model,
@@ -51,6 +58,14 @@ from .compact_step import (
     placeholder,
     placeholder_data,
 )
+from .distributed import (
+    DDPCompanion,
+    GradientSync,
+    check_runtime,
+    check_supported_setup,
+    distributed_run,
+)
+from .grad import SelectedGrad
 from .moments import check_moment_kind, convert_moments, moment_kind
 from .nuclear import nuclear_norm_grad
 from .positions import check_position_kind, encode_positions
@@ -75,6 +90,7 @@ class _Slot:
     initial: torch.Tensor | None  # base values at idx (for ΔW of the nuclear norm); None if not a 2-D weight
     frozen: list = field(default_factory=list)  # encoded positions that trained, then froze (progressive)
     handle: object = None  # the grad hook's removable handle
+    payload: torch.Tensor | None = None  # the values' grad the hook put on param.grad (a SelectedGrad)
 
     @property
     def idx(self) -> torch.Tensor:
@@ -89,6 +105,12 @@ class _Slot:
     def count(self) -> int:
         """How many entries still train (without decoding the positions)."""
         return self.positions.count
+
+    @property
+    def grad_positions(self):
+        """What a :class:`SelectedGrad` holds as its positions: the index tensor itself, or the compact
+        encoding (decoded only if the gradient is densified or combined with a dense one)."""
+        return self.positions.codes if self.positions.kind == "index" else self.positions
 
     def trained_positions(self) -> torch.Tensor:
         """Every position that ever trained (what a sparse file must store)."""
@@ -122,9 +144,18 @@ class SaRAAdamW(torch.optim.AdamW):
     Selection: ``threshold`` (absolute θ, default 2e-3 as the authors) *or*
     ``fraction`` (global quantile, or per weight with ``per_layer=True``);
     ``target_modules`` (names or regexes) and ``layer_types`` (module classes)
-    restrict which weights are considered; by default all are. Attaching
-    freezes every parameter of ``model`` except the weights with selected
-    entries; :func:`detach` restores the flags.
+    restrict which weights are considered; by default all that require grad
+    (a part the user froze with ``requires_grad_(False)`` stays frozen;
+    ``include_frozen=True`` considers it too). Attaching freezes every parameter
+    of ``model`` except the weights with selected entries; :func:`detach`
+    restores the flags.
+
+    Gradients: after ``backward()`` each trained weight's ``.grad`` is a
+    :class:`~sara_edu.sara.grad.SelectedGrad` (only the selected entries, no
+    dense memory), so ``clip_grad_norm_(model.parameters(), ...)`` clips what
+    SaRA trains and ``model.zero_grad()`` clears it, like ``zero_grad()`` here.
+    On several processes SaRA averages them itself; ``no_sync()`` marks the
+    backward passes that only accumulate (see :mod:`sara_edu.sara.distributed`).
 
     ``rank_lambda``: nuclear-norm weight λ (0 disables it); applied to one
     randomly chosen eligible 2-D weight every ``nuclear_every`` steps (seeded
@@ -149,7 +180,7 @@ class SaRAAdamW(torch.optim.AdamW):
       moments with stochastic rounding (:mod:`sara_edu.sara.moments`; changes
       the numbers slightly, see there).
     * ``compact=True``: all three (``value_copy=False, positions="delta",
-      moments="bf16"``) unless given explicitly: ~5 bytes per entry.
+      moments="bf16"``) unless given explicitly: ~5.6 bytes per entry.
 
     Any of them except ``positions`` alone runs AdamW written out
     (:mod:`sara_edu.sara.compact_step`) instead of stock ``torch.optim.AdamW``.
@@ -162,8 +193,9 @@ class SaRAAdamW(torch.optim.AdamW):
                  layer_types=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  seed: int = 0, total_steps: int | None = None, nuclear_method: str = "gram",
                  nuclear_max_numel: int | None = None, fused: bool | None = None,
-                 selection: Selection | None = None, *, compact: bool = False, value_copy: bool | None = None,
-                 positions: str | None = None, moments: str | None = None):
+                 selection: Selection | None = None, include_frozen: bool = False, *, compact: bool = False,
+                 value_copy: bool | None = None, positions: str | None = None, moments: str | None = None):
+        check_is_model(model, type(self).__name__)
         if threshold is None and fraction is None and selection is None:
             threshold = 2e-3  # the authors' θ for Stable Diffusion 1.5
         _check_number("lr", lr, low=0, low_inclusive=False)
@@ -190,10 +222,12 @@ class SaRAAdamW(torch.optim.AdamW):
         self.moments = check_moment_kind(moments or ("bf16" if compact else "fp32"))
         self._own_step = not self.value_copy or self.moments != "fp32"
         check_attachable(model, type(self).__name__)
+        check_supported_setup(model, type(self).__name__)
 
-        params = considered_parameters(model, target_modules, layer_types)
+        params = considered_parameters(model, target_modules, layer_types, include_frozen)
         if selection is None:
-            selection = select_parameters(model, threshold, fraction, per_layer, target_modules, layer_types)
+            selection = select_parameters(model, threshold, fraction, per_layer, target_modules, layer_types,
+                                          include_frozen)
         elif [n for n, _ in params] != selection.names or any(
                 tuple(p.shape) != tuple(selection.shapes[n]) for n, p in params):
             raise ConfigError("the given selection was made on another model (names or shapes differ)")
@@ -240,25 +274,44 @@ class SaRAAdamW(torch.optim.AdamW):
                          fused=fused or None, foreach=None if (fused or self._own_step) else True)
         if self._own_step:
             init_state(self)  # the moments now, in one go (see compact_step.init_state)
+        # the sync object lives on in the weights' hooks: it must not hold the optimizer (nor the model)
+        self.sync = GradientSync(self.slots, functools.partial(_fingerprint, self._model_ref, self.slots))
         # Only now touch the model, so a failed construction leaves it as it was.
         model.requires_grad_(False)
         for slot in self.slots:
             if slot.count:
                 self._hook(slot)
+        self._ddp = None
+        if distributed_run():  # DDP may wrap the model: keep it away from SaRA's weights
+            self._ddp = DDPCompanion(model, [s.name for s in self.slots if s.count], self.sync)
         mark_attached(model, [s.param for s in self.slots], self)
+
+    def no_sync(self):
+        """Context manager: backward passes inside only accumulate (no cross-process averaging yet).
+
+        Not needed when the model is wrapped in DistributedDataParallel: SaRA
+        follows ``ddp_model.no_sync()`` (and so ``accelerator.accumulate``).
+        """
+        return self.sync.no_sync()
 
     # ---------------------------------------------------------------- gradients
     def _hook(self, slot: _Slot) -> None:
-        """Gather the selected entries of the weight's grad, then free the dense grad."""
+        """Gather the selected entries of the weight's grad; leave only them on ``param.grad``."""
+        sync = self.sync  # the hook must not hold the optimizer (a deleted optimizer frees its state)
 
         def gather(p, slot=slot):
             g = p.grad
-            sel = g.reshape(-1).index_select(0, slot.idx)
-            if slot.values.grad is None:
-                slot.values.grad = sel
+            if isinstance(g, SelectedGrad):  # autograd added this pass into it (gradient accumulation)
+                if g.positions is not slot.grad_positions:
+                    raise ConfigError(f"stale SaRA gradient on {slot.name!r}: call zero_grad() after step()")
+                sel = g.values
             else:
-                slot.values.grad.add_(sel)  # gradient accumulation over several backward passes
-            p.grad = None  # the dense grad of this layer dies here
+                sel = g.reshape(-1).index_select(0, slot.idx)
+                # the dense grad dies here
+                p.grad = SelectedGrad(p.shape, slot.grad_positions, sel, slot.name, sync.guard)
+            slot.values.grad = sel
+            slot.payload = sel
+            sync.gathered()
 
         slot.param.requires_grad_(True)
         slot.handle = slot.param.register_post_accumulate_grad_hook(gather)
@@ -267,6 +320,33 @@ class SaRAAdamW(torch.optim.AdamW):
         if slot.handle is not None:
             slot.handle.remove()
             slot.handle = None
+
+    @staticmethod
+    def _clear_grad(slot: _Slot) -> None:
+        slot.values.grad = None
+        slot.param.grad = None
+        slot.payload = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear SaRA's gradients: the optimizer's and the ``SelectedGrad`` on each weight."""
+        super().zero_grad(set_to_none=set_to_none)
+        for slot in self.slots:
+            slot.param.grad = None  # the next backward pass gathers afresh either way
+            slot.payload = None
+
+    def _collect_grads(self) -> None:
+        """The weights' ``.grad`` is the truth: ``model.zero_grad()`` must clear what ``step()`` uses."""
+        for slot in self.slots:
+            g = slot.param.grad
+            if isinstance(g, SelectedGrad):
+                slot.values.grad = g.values
+            elif g is None:
+                if slot.payload is not None and slot.values.grad is slot.payload:  # cleared through the model
+                    slot.values.grad = None
+                slot.payload = None
+            elif slot.count:  # a dense grad put there by hand: take its selected entries
+                slot.values.grad = g.reshape(-1).index_select(0, slot.idx)
+                slot.param.grad = None
 
     def _delta(self, slot: _Slot) -> torch.Tensor:
         """ΔW⊙M as a dense matrix (one layer, transient)."""
@@ -298,10 +378,13 @@ class SaRAAdamW(torch.optim.AdamW):
         """Nuclear-norm grad → stock AdamW on the values → scatter into the weights."""
         if self.detached:
             raise ConfigError("this SaRA optimizer was detached from its model; create a new one to keep training")
+        check_runtime(self._model_ref(), self.slots)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.sync.finish()  # the last backward passes ran inside no_sync(): average them now
+        self._collect_grads()
         with torch.no_grad():
             if self.rank_lambda > 0 and self.steps_done % self.nuclear_every == 0:
                 self._add_nuclear_grad()
@@ -365,7 +448,7 @@ class SaRAAdamW(torch.optim.AdamW):
                 dev = slot.param.device
                 slot.idx = idx.to(dev)
                 slot.frozen = [encode_positions(f.to(dev), slot.param.numel(), self.positions) for f in frozen]
-                slot.values.grad = None
+                self._clear_grad(slot)
                 if self.value_copy:
                     slot.values.data = flat_view(slot.param).index_select(0, slot.idx).clone()
                 else:
@@ -376,6 +459,8 @@ class SaRAAdamW(torch.optim.AdamW):
                     self._hook(slot)
                 else:
                     slot.param.requires_grad_(False)
+        if self._ddp is not None:
+            self._ddp.keep_anchor()  # the loop above may have frozen it
         self.steps_done = sara["steps_done"]
         self._rng.setstate(_as_rng_state(sara["rng"]))
         if self.moment_generator is not None and sara.get("moment_rng") is not None:
@@ -411,9 +496,12 @@ class SaRAAdamW(torch.optim.AdamW):
         """
         for slot in self.slots:
             self._unhook(slot)
-            slot.values.grad = None
+            self._clear_grad(slot)
             slot.values.data = slot.values.data[:0]  # free the trainable copy; the weights hold the values
             slot.initial = None
+        if self._ddp is not None:
+            self._ddp.remove()
+            self._ddp = None
         return release_model(self, [s.param for s in self.slots], requires_grad)
 
     # ---------------------------------------------------------------- saving
@@ -449,6 +537,14 @@ class _TrainedPositions(Mapping):
 
     def __len__(self):
         return len(self._slots)
+
+
+def _fingerprint(model_ref, slots) -> torch.Tensor:
+    """Per parameter of the model its float64 sum, then each weight's selected count (ranks must agree)."""
+    model = model_ref()
+    sums = [torch.sum(p.detach(), dtype=torch.float64) for p in model.parameters()] if model is not None else []
+    counts = [torch.tensor(float(s.count), dtype=torch.float64) for s in slots]
+    return torch.stack([t.cpu() for t in sums] + counts)
 
 
 def adamw_update(optimizer: torch.optim.AdamW, closure=None):

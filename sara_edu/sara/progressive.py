@@ -38,6 +38,7 @@ def progressive_adjust(optimizer):
         idx = slot.idx
         slot.frozen.append(encode_positions(idx[~keep], slot.param.numel(), slot.positions.kind))
         slot.idx = idx[keep]
+        optimizer._clear_grad(slot)  # a SelectedGrad holds the old positions
         keep_values(slot, keep, optimizer.value_copy)
         if slot.initial is not None:
             slot.initial = slot.initial[keep]

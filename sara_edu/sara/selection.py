@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 _INT32_LIMIT = 2**31 - 1
 _BINS = 1 << 16
@@ -40,10 +40,14 @@ _BINS = 1 << 16
 # --------------------------------------------------------------------------- what to consider
 
 
-def considered_parameters(model: nn.Module, target_modules=None, layer_types=None) -> list[tuple[str, nn.Parameter]]:
+def considered_parameters(model: nn.Module, target_modules=None, layer_types=None,
+                          include_frozen: bool = False) -> list[tuple[str, nn.Parameter]]:
     """The ``(name, parameter)`` pairs SaRA may train, in ``named_parameters`` order.
 
-    By default every floating-point parameter (like the authors' release).
+    By default every floating-point parameter that requires grad (like the
+    authors' release, which trains the whole UNet): a part the user froze with
+    ``requires_grad_(False)`` before attaching stays frozen, unless
+    ``include_frozen=True``.
     ``target_modules``: a string or list of strings; a parameter is kept when one of
     them matches its full name with :func:`re.search` (so plain substrings such as
     ``"attn"`` or ``"ff"`` work, and so do regexes such as ``r"attn\\d\\.to_[qkv]"``).
@@ -67,14 +71,23 @@ def considered_parameters(model: nn.Module, target_modules=None, layer_types=Non
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
                 owner_ok[full] = isinstance(mod, layer_types)
     out = []
+    frozen = 0
     for name, p in model.named_parameters():
         if not p.is_floating_point():
+            continue
+        if not (p.requires_grad or include_frozen):
+            frozen += 1
             continue
         if patterns is not None and not any(pat.search(name) for pat in patterns):
             continue
         if layer_types is not None and not owner_ok.get(name, False):
             continue
         out.append((name, p))
+    if not out and frozen and frozen == sum(p.is_floating_point() for p in model.parameters()):
+        raise ConfigError(
+            f"every parameter of this {type(model).__name__} has requires_grad=False, and SaRA leaves frozen "
+            "parameters frozen. Unfreeze what should train (model.requires_grad_(True)) or pass "
+            "include_frozen=True.")
     if not out:
         example = next((n for n, _ in model.named_parameters()), "<no parameters>")
         raise ConfigError(
@@ -250,15 +263,27 @@ def check_selection_args(threshold=None, fraction=None, per_layer=False) -> None
 
 @torch.no_grad()
 def select_parameters(model: nn.Module, threshold: float | None = None, fraction: float | None = None,
-                      per_layer: bool = False, target_modules=None, layer_types=None) -> Selection:
+                      per_layer: bool = False, target_modules=None, layer_types=None,
+                      include_frozen: bool = False) -> Selection:
     """Select the small-magnitude entries of ``model`` (see module docstring).
 
     Exactly one of ``threshold`` (absolute θ) and ``fraction`` must be given.
+    Parameters with ``requires_grad=False`` are left out unless ``include_frozen``.
     Raises :class:`ConfigError` for bad values and when nothing is selected
-    (the message suggests a threshold from the weights' quantiles).
+    (the message suggests a threshold from the weights' quantiles), and
+    :class:`CheckpointError` when a considered weight is NaN or infinite (such
+    entries have no magnitude to rank, so the model itself must be fixed).
+
+    Ties at zero: the rule is always ``|w| < θ``. With a fraction, θ is the
+    quantile of ``|w|``, so when at least ``fraction`` of the values are exactly 0,
+    θ = 0 and those values are *not* selected. With ``per_layer=True`` such a
+    layer (e.g. an all-zero bias) trains nothing; its name is listed in
+    ``selection.extra["zero_threshold_layers"]``. Pass a ``threshold`` to train
+    the zeros: any positive θ selects them.
     """
     check_selection_args(threshold, fraction, per_layer)
-    params = considered_parameters(model, target_modules, layer_types)
+    params = considered_parameters(model, target_modules, layer_types, include_frozen)
+    check_finite(params)
     names = [n for n, _ in params]
     shapes = {n: tuple(p.shape) for n, p in params}
     extra = {}
@@ -267,6 +292,7 @@ def select_parameters(model: nn.Module, threshold: float | None = None, fraction
     elif per_layer:
         mode = "per_layer_fraction"
         thresholds = {n: abs_quantile([p], fraction) for n, p in params}
+        extra["zero_threshold_layers"] = [n for n in names if thresholds[n] == 0]
     else:
         mode = "fraction"
         theta = abs_quantile([p for _, p in params], fraction)
@@ -276,12 +302,45 @@ def select_parameters(model: nn.Module, threshold: float | None = None, fraction
     sel = Selection(names, shapes, indices, thresholds, mode, float(threshold if threshold is not None else fraction),
                     extra)
     if sel.total_selected == 0:
-        q10 = abs_quantile([p for _, p in params], 0.1)
-        what = f"threshold={threshold:g}" if threshold is not None else f"fraction={fraction:g}"
-        raise ConfigError(
-            f"{what} selects no weight (no |w| below it among {sel.total_numel:,} values). The 10% quantile "
-            f"of |w| is {q10:.3g}: try threshold={q10:.2g}, or fraction=0.1.")
+        raise ConfigError(_nothing_selected(params, threshold, fraction, per_layer, sel.total_numel))
     return sel
+
+
+def check_finite(params) -> None:
+    """Raise :class:`CheckpointError` naming every ``(name, parameter)`` that holds NaN or inf."""
+    bad = []
+    for name, p in params:
+        w = p.detach()
+        if not bool(torch.isfinite(w).all()):
+            nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+            bad.append(f"{name} has {nan:,} NaN and {inf:,} infinite values among {w.numel():,}")
+    if bad:
+        more = f" (and {len(bad) - 3} more parameters)" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"the model's weights are not finite: {'; '.join(bad[:3])}{more}. NaN and inf have no magnitude "
+            "to select by, and training from them fails. They come from a diverged run or a damaged file: "
+            "reload the pretrained weights (and lower the learning rate if a run diverged).")
+
+
+def _nothing_selected(params, threshold, fraction, per_layer, total) -> str:
+    """Why nothing was selected, and a setting that selects something."""
+    tensors = [p for _, p in params]
+    if threshold is not None:
+        q10 = abs_quantile(tensors, 0.1)
+        return (f"threshold={threshold:g} selects no weight (no |w| below it among {total:,} values). The 10% "
+                f"quantile of |w| is {q10:.3g}: try threshold={q10:.2g}, or fraction=0.1.")
+    zeros = sum(int((p.detach() == 0).sum()) for p in tensors)
+    where = " in every layer" if per_layer else ""
+    if zeros == total:
+        return (f"fraction={fraction:g} selects no weight: all {total:,} considered weights are exactly 0, so "
+                "this model looks untrained or zeroed (pruned, or built without loading its weights). SaRA "
+                "fine-tunes the small weights of a pretrained model: load one (e.g. load_pretrained()). To train "
+                "every entry anyway, give a threshold instead (any positive one, e.g. threshold=1e-8).")
+    below_nonzero = abs_order_statistics(tensors, [zeros])[0] / 2  # under the smallest non-zero |w|
+    larger = "" if per_layer else f", or ask for a fraction above {zeros / total:.2f}"
+    return (f"fraction={fraction:g} selects no weight{where}: {zeros / total:.1%} of the {total:,} considered "
+            f"weights are exactly 0, so θ = 0 and the rule |w| < θ selects none of the tied zeros. Train "
+            f"exactly the zeros with threshold={below_nonzero:.2g} (below every non-zero |w|){larger}.")
 
 
 def _indices_below(p: torch.Tensor, theta: float) -> torch.Tensor:

@@ -21,14 +21,13 @@ mixed precision.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, DataError
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -87,9 +86,9 @@ class StableDiffusionAdapter:
 
         Returned in the UNet's dtype so the loop works with or without autocast.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+        from ..world.sampling import check_prompts
+
+        tokens = self.tokenizer(check_prompts(prompts), padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
         hidden = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
         return hidden.to(self.unet.dtype)
@@ -98,6 +97,10 @@ class StableDiffusionAdapter:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE latents of images in [-1, 1], scaled like SD training (``* scaling_factor``)."""
         cfg = self.vae.config
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+            got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise DataError(f"pixels must be a tensor of shape (N, 3, H, W) in [-1, 1], got {got}"
+                            + (" (add a batch dimension with pixels[None])" if getattr(pixels, "ndim", 0) == 3 else ""))
         pixels = pixels.to(self.vae.device, self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.sample()
         if getattr(cfg, "shift_factor", None) is not None:  # SD3-style VAEs also shift
@@ -110,6 +113,8 @@ class StableDiffusionAdapter:
         Compare methods from one base without reloading anything:
         ``pipe.with_unet(copy.deepcopy(base_unet))`` per method.
         """
+        if not isinstance(unet, nn.Module):
+            raise ConfigError(f"with_unet needs a UNet module (e.g. copy.deepcopy(pipe.unet)), got {type(unet).__name__}")
         return replace(self, unet=unet)
 
     def pipeline(self):
@@ -159,9 +164,17 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
     """
     from ..training.loop import pick_device
 
+    for name, value in (("dtype", dtype), ("unet_dtype", unet_dtype)):
+        if value is not None and not isinstance(value, torch.dtype):
+            raise ConfigError(f"{name} must be a torch dtype such as torch.float16, got {type(value).__name__} "
+                              f"{value!r}")
+    if not isinstance(model_id_or_path, (str, Path)):
+        raise ConfigError(f"model_id_or_path must be a Hub id such as {SD15_ID!r} or a folder, got "
+                              f"{type(model_id_or_path).__name__} {model_id_or_path!r}")
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
     folder = _resolve_folder(str(model_id_or_path), local_files_only, variant)
+    check_component_configs(folder)
     try:
         with quiet_transformers():
             from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -176,7 +189,8 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
                 folder / "text_encoder", torch_dtype=dtype, **common))
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
             scheduler_config = DDPMScheduler.from_pretrained(folder / "scheduler").config
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError,
+            RuntimeError) as e:  # what diffusers/transformers raise for files and values they cannot use
         raise CheckpointError(
             f"could not load Stable Diffusion from {folder} ({type(e).__name__}: {str(e)[:300]}). "
             f"{_DOWNLOAD_HINT.format(id=model_id_or_path)}") from e
@@ -185,6 +199,28 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
     pipe = StableDiffusionAdapter(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer,
                                   _ddpm_config(scheduler_config), source=str(model_id_or_path))
     return pipe.to(device)
+
+
+def check_component_configs(folder: Path) -> None:
+    """Check each component's config file value by value, so a bad one names its file and key.
+
+    Missing files are left to the loaders, whose error already says to download them.
+    """
+    with quiet_transformers():
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..world.config_file import check_config, read_config
+
+    parts = (("unet/config.json", UNet2DConditionModel, None),
+             ("vae/config.json", AutoencoderKL, None),
+             ("text_encoder/config.json", CLIPTextConfig, lambda s: CLIPTextModel(CLIPTextConfig(**s))),
+             ("scheduler/scheduler_config.json", DDPMScheduler, None))
+    for name, cls, build in parts:
+        path = folder / name
+        if path.exists():
+            with quiet_transformers():
+                check_config(read_config(path, f"{cls.__name__} config"), cls, path, build=build)
 
 
 def _complete(part: str, model: nn.Module, info: dict) -> nn.Module:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PromptError
+from ..world.model import non_finite_report
+from ..world.sampling import check_sampling_args
 from .load import StableDiffusionAdapter
 
 
@@ -18,12 +20,16 @@ def generate_sd(pipe: StableDiffusionAdapter, prompts, steps: int = 25, seed: in
     same on any device): the same prompt and seed give the same start before and
     after fine-tuning, which keeps side-by-side comparisons fair.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
-    if guidance_scale < 0:
-        raise ConfigError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if not isinstance(pipe, StableDiffusionAdapter):
+        raise ConfigError(f"generate_sd needs a StableDiffusionAdapter (load_stable_diffusion(...) or "
+                          f"tiny_sd_pipeline()), got {type(pipe).__name__}; the course model samples with "
+                          "sara_edu.world.model.generate")
+    max_steps = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
+    prompts, steps, seed, guidance_scale, batch_size = check_sampling_args(
+        prompts, steps, seed, guidance_scale, batch_size, max_steps)
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise PromptError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__} "
+                          f"{negative_prompt!r}")
     sd = pipe.pipeline()
     sd.set_progress_bar_config(disable=not progress)
     device = pipe.device
@@ -44,4 +50,8 @@ def generate_sd(pipe: StableDiffusionAdapter, prompts, steps: int = 25, seed: in
             out.append(images.float().cpu() * 2 - 1)
     finally:
         pipe.unet.train(was_training)
-    return torch.cat(out).clamp(-1, 1)
+    images = torch.cat(out)
+    if not torch.isfinite(images).all():
+        raise FloatingPointError("generate_sd produced NaN or infinite pixels. " + non_finite_report(
+            pipe.unet, "load the VAE in float32 (load_stable_diffusion(..., dtype=torch.float32)) or bfloat16"))
+    return images.clamp(-1, 1)

@@ -109,8 +109,10 @@ def tiny_sd_pipeline(seed: int = 0, device=None) -> StableDiffusionAdapter:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ..world.sampling import check_seed
+
     tokenizer = tiny_clip_tokenizer()
-    torch.manual_seed(seed)
+    torch.manual_seed(check_seed(seed, hint="it seeds the random weights"))
     unet = UNet2DConditionModel(**TINY_SD_UNET_CONFIG)
     vae = AutoencoderKL(**TINY_SD_VAE_CONFIG)
     clip_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

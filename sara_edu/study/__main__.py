@@ -1,4 +1,4 @@
-"""``python -m sara_edu.study run|report``: run (or resume) the study, then write its report."""
+"""``python -m sara_edu.study budget|run|report``: size the runs, run (or resume) the study, report it."""
 from __future__ import annotations
 
 import argparse
@@ -29,8 +29,17 @@ def main(argv=None) -> None:
     rep.add_argument("--csv", default=str(REPO_ROOT / "reports" / "study_results.csv"))
     rep.add_argument("--out", default=str(REPO_ROOT / "reports" / "study.md"))
     rep.add_argument("--study", default=None, help="which study of the CSV to report (default: the only one)")
+    bud = sub.add_parser("budget", help="full fine-tuning's style agreement along one run per style")
+    bud.add_argument("--steps", type=int, nargs="+", default=[100, 200, 400, 800], help="where to score the run")
+    bud.add_argument("--lr", type=float, default=3e-4)
+    bud.add_argument("--styles", nargs="*", default=None)
+    bud.add_argument("--out", default=str(REPO_ROOT / "reports" / "budget.csv"))
     args = parser.parse_args(argv)
-    if args.command == "run":
+    if args.command == "budget":
+        from .budget import main as budget_main
+
+        budget_main(args)
+    elif args.command == "run":
         config = QUICK if args.quick else FULL
         out = args.out or str(REPO_ROOT / ("runs/study_quick.csv" if args.quick else "reports/study_results.csv"))
         start = time.perf_counter()

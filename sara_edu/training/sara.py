@@ -22,7 +22,8 @@ from .method import SparseMethod
 class SaRA(SparseMethod):
     """SaRA for :func:`sara_edu.training.train`, with notebook-friendly reports.
 
-    ``threshold`` (absolute θ) wins over ``fraction`` when given.
+    ``threshold`` (absolute θ) wins over ``fraction`` when given. Parameters
+    frozen before training stay frozen unless ``include_frozen=True``.
     ``progressive_iter``: ``"half"`` of ``total_steps`` (the authors' default),
     a step number, or None. After ``build_optimizer``: ``.optimizer``,
     ``.report()``, ``.churn``, ``.save(path)``, ``.detach()``.
@@ -47,6 +48,7 @@ class SaRA(SparseMethod):
     layer_types: object = None
     seed: int = 0
     nuclear_max_numel: int | None = None
+    include_frozen: bool = False
     compact: bool = False
     value_copy: bool | None = None
     positions: str | None = None
@@ -70,8 +72,8 @@ class SaRA(SparseMethod):
                                    target_modules=self.target_modules, layer_types=self.layer_types,
                                    betas=betas, weight_decay=weight_decay, seed=self.seed,
                                    total_steps=total_steps, nuclear_max_numel=self.nuclear_max_numel,
-                                   compact=self.compact, value_copy=self.value_copy, positions=self.positions,
-                                   moments=self.moments)
+                                   include_frozen=self.include_frozen, compact=self.compact,
+                                   value_copy=self.value_copy, positions=self.positions, moments=self.moments)
         return self.optimizer
 
     def _opt(self) -> SaRAAdamW:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..sara.attach import attached_model, check_attachable, mark_attached, release_model
+from ..sara.attach import attached_model, check_attachable, check_is_model, mark_attached, release_model
 from ..sara.optimizer import adamw_update
 from ..sara.selection import Selection, check_selection_args, select_parameters
 from ..sara.sparse_file import save_sparse
@@ -36,6 +36,7 @@ class MaskedAdamW(torch.optim.AdamW):
 
     def __init__(self, model: nn.Module, selection: Selection, lr: float = 1e-4, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
+        check_is_model(model, type(self).__name__)
         check_attachable(model, type(self).__name__)
         if weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -98,7 +99,8 @@ class MaskedAdamW(torch.optim.AdamW):
 class SelectiveFineTuning(SparseMethod):
     """Train the entries with ``|w| < θ`` using dense masked gradients and dense AdamW.
 
-    ``threshold`` (absolute θ) wins over ``fraction`` when given. Same
+    ``threshold`` (absolute θ) wins over ``fraction`` when given. As SaRA,
+    parameters frozen before training stay frozen unless ``include_frozen=True``. Same
     ``report()``, ``save(path)`` (a sparse file :func:`~sara_edu.sara.load_sparse`
     reads) and ``detach()`` as :class:`~sara_edu.training.SaRA`.
     """
@@ -108,6 +110,7 @@ class SelectiveFineTuning(SparseMethod):
     per_layer: bool = False
     target_modules: object = None
     layer_types: object = None
+    include_frozen: bool = False
     name: str = "selective"
     optimizer: MaskedAdamW | None = field(default=None, init=False, repr=False)
 
@@ -118,7 +121,7 @@ class SelectiveFineTuning(SparseMethod):
             self.optimizer.detach()
         check_attachable(unet, type(self).__name__)
         selection = select_parameters(unet, self.threshold, fraction, self.per_layer, self.target_modules,
-                                      self.layer_types)
+                                      self.layer_types, self.include_frozen)
         self.optimizer = MaskedAdamW(unet, selection, lr=lr, betas=betas, weight_decay=weight_decay)
         return self.optimizer
 

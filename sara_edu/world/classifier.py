@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import CheckpointError, DataError
 from ..io import load_tensors
-from .paths import CLASSIFIER_PATH
+from .paths import CLASSIFIER_PATH, check_data_dir
 from .styles import LOOKS
 
 N_DIGITS = 10
@@ -126,6 +126,8 @@ def load_classifier(path=None) -> ReferenceClassifier:
     model. The cache key includes the file's modification time, so re-running
     the recipe is picked up without restarting the kernel.
     """
+    if path is None:
+        check_data_dir()
     path = Path(path or CLASSIFIER_PATH)
     if not path.exists():
         raise CheckpointError(f"reference classifier {path} does not exist. Train it with "

@@ -13,6 +13,7 @@ user can point the same code at their own style folder.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def load_digits_images(split: str = "train", style: str | None = None, digits=No
     """Images (N, 3, 16, 16) in [-1, 1], labels and prompts for one look."""
     ink, labels = load_digits_ink(split)
     if digits is not None:
+        if isinstance(digits, (str, bytes)) or not isinstance(digits, Iterable) or not all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in digits):
+            raise DataError(f"digits must be a collection of integers 0..9 such as (0, 1, 2) or None, got {digits!r}")
         keep = torch.isin(labels, torch.tensor(list(digits)))
         ink, labels = ink[keep], labels[keep]
     if len(labels) == 0:
@@ -75,8 +79,14 @@ class TensorImageDataset(Dataset):
     """Images + prompts held in memory, in the diffusers training-example format."""
 
     def __init__(self, images: torch.Tensor, prompts: list[str], labels: torch.Tensor | None = None):
+        from .sampling import check_prompts
+
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise DataError(f"images must be a tensor of shape (N, 3, H, W) in [-1, 1], got {got}")
         if len(images) == 0:
             raise DataError("the dataset is empty")
+        prompts = check_prompts(prompts)
         if len(images) != len(prompts):
             raise DataError(f"{len(images)} images but {len(prompts)} prompts")
         self.images, self.prompts, self.labels = images, list(prompts), labels
@@ -98,8 +108,11 @@ class StyleDataset(TensorImageDataset):
 
     def __init__(self, style: str | None, split: str = "train", digits=FINETUNE_DIGITS,
                  limit_per_digit: int | None = None, seed: int = 0):
+        from .sampling import check_int
+
         images, labels, prompts = load_digits_images(split, style, digits, seed)
         if limit_per_digit is not None:
+            check_int(limit_per_digit, "limit_per_digit", 1, hint="images kept per digit, or None for all")
             keep = torch.cat([torch.nonzero(labels == k)[:limit_per_digit, 0] for k in labels.unique()])
             keep = keep.sort().values
             images, labels, prompts = images[keep], labels[keep], [prompts[i] for i in keep]
@@ -107,17 +120,50 @@ class StyleDataset(TensorImageDataset):
         self.style = style or "plain"
 
 
+def with_plain_prompts(dataset: TensorImageDataset, fraction: float = 0.5, seed: int = 0) -> TensorImageDataset:
+    """The style set plus plain digits with plain prompts: the course's *prior preservation*.
+
+    Fine-tuning on a style alone also changes what plain prompts draw: nothing in the data
+    asks the model to keep them plain. DreamBooth's prior preservation mixes the model's
+    old task into the new data; here the old task is the plain digits, so we add
+    ``fraction`` x ``len(dataset)`` plain training images (all ten digits, ``"a digit k"``),
+    drawn with ``seed``. ``fraction=0.5`` makes a third of the mixed set plain.
+    """
+    from .sampling import check_int
+
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 4:
+        raise DataError(f"fraction must be a number in (0, 4] (plain images per style image), got {fraction!r}")
+    check_int(seed, "seed", 0)
+    plain = StyleDataset(None, digits=range(10))
+    n = max(1, round(fraction * len(dataset)))
+    if n > len(plain):
+        raise DataError(f"fraction={fraction} asks for {n} plain images, but there are only {len(plain)}")
+    pick = torch.randperm(len(plain), generator=torch.Generator().manual_seed(seed))[:n]
+    labels = None
+    if dataset.labels is not None and plain.labels is not None:
+        labels = torch.cat([dataset.labels, plain.labels[pick]])
+    return TensorImageDataset(torch.cat([dataset.images, plain.images[pick]]),
+                              dataset.prompts + [plain.prompts[i] for i in pick], labels)
+
+
 class ImageFolderDataset(TensorImageDataset):
     """A folder in the paper's format: image files + ``metadata.jsonl``.
 
     Each line of ``metadata.jsonl`` is ``{"file_name": "0001.png", "text": "a prompt"}``
-    (the Hugging Face ``imagefolder`` convention the authors' datasets use).
-    Images are resized to ``size`` and scaled to [-1, 1].
+    (the Hugging Face ``imagefolder`` convention the authors' datasets use), in UTF-8.
+    Images of any Pillow mode are scaled by their own range (16-bit, float, alpha:
+    see :mod:`sara_edu.world.image_files`), resized to ``size`` and mapped to [-1, 1].
+    A bad line, a file name leaving the folder or an unreadable image raises
+    :class:`DataError` naming the file and line.
     """
 
     def __init__(self, folder, size: int = IMAGE_SIZE, caption_column: str = "text"):
-        from PIL import Image, UnidentifiedImageError
+        from .image_files import image_path, read_metadata_rows, read_rgb
+        from .sampling import check_int
 
+        size = check_int(size, "size", 1, hint="the side in pixels images are resized to")
+        if not isinstance(caption_column, str) or not caption_column:
+            raise DataError(f"caption_column must be the name of the caption key, e.g. 'text', got {caption_column!r}")
         folder = Path(folder)
         meta = folder / "metadata.jsonl"
         if not folder.is_dir():
@@ -125,35 +171,23 @@ class ImageFolderDataset(TensorImageDataset):
         if not meta.exists():
             raise DataError(f"{folder} has no metadata.jsonl; add one line per image: "
                             '{"file_name": "0001.png", "text": "your caption"}')
-        rows = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append((row["file_name"], row[caption_column]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{meta}:{n} is not a JSON object with 'file_name' and "
-                                f"'{caption_column}': {line[:80]!r}") from e
+        rows = read_metadata_rows(meta, caption_column)
         if not rows:
             raise DataError(f"{meta} lists no images; the folder is empty")
         images = []
-        for name, _ in rows:
-            path = folder / name
-            try:
-                img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
-            except FileNotFoundError as e:
-                raise DataError(f"{meta} names {name}, which is not in {folder}") from e
-            except UnidentifiedImageError as e:
-                raise DataError(f"{path} is not an image file PIL can read") from e
-            images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
-        super().__init__(torch.stack(images), [t for _, t in rows])
+        for name, _, n in rows:
+            where = f"{meta}:{n}"
+            rgb = read_rgb(image_path(folder, name, where), size, where)
+            images.append(torch.from_numpy(rgb * 2 - 1).permute(2, 0, 1))
+        super().__init__(torch.stack(images), [text for _, text, _ in rows])
 
 
 def export_image_folder(dataset: TensorImageDataset, folder) -> Path:
     """Write a dataset as PNGs + ``metadata.jsonl`` (the paper's format)."""
     from PIL import Image
 
+    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+        raise DataError(f"export_image_folder needs a dataset such as StyleDataset(...), got {type(dataset).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -168,4 +202,4 @@ def export_image_folder(dataset: TensorImageDataset, folder) -> Path:
 
 
 __all__ = ["LOOKS", "IMAGE_SIZE", "FINETUNE_DIGITS", "UNSEEN_DIGITS", "load_digits_ink", "load_digits_images",
-           "TensorImageDataset", "StyleDataset", "ImageFolderDataset", "export_image_folder"]
+           "TensorImageDataset", "StyleDataset", "ImageFolderDataset", "export_image_folder", "with_plain_prompts"]

@@ -20,7 +20,7 @@ unless you pass another one.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,8 @@ from torch import nn
 
 from ..errors import ConfigError, DataError, PromptError
 from .classifier import ReferenceClassifier, check_images, load_classifier
+from .model import SCHEDULER_CONFIG
+from .sampling import check_guidance_scale, check_int, check_seed, check_steps
 from .styles import LOOKS
 
 # Sampling used by evaluate() and per_digit_recognition() unless told otherwise: the
@@ -121,7 +123,7 @@ def prompt_agreement(images: torch.Tensor, digits, style=None,
     images = check_images(images)
     n = len(images)
     digit_list = _per_image(digits, n, "digits")
-    if any(d is None or not 0 <= int(d) <= 9 for d in digit_list):
+    if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d <= 9 for d in digit_list):
         raise DataError(f"digits must be integers 0..9, got {sorted(set(digit_list), key=str)[:5]}")
     want_digit = torch.tensor([int(d) for d in digit_list])
     want_look = torch.tensor([_look_index(s) for s in _per_image(style, n, "style")])
@@ -189,13 +191,19 @@ def vlhi_table(df: pd.DataFrame, fid_col: str = "fid", clip_col: str = "agreemen
     return out
 
 
-def _check_sampling(n_per_digit: int, steps: int, digits) -> list[int]:
-    digits = [int(d) for d in digits]
-    if not digits or any(not 0 <= d <= 9 for d in digits):
-        raise DataError(f"digits must be a non-empty collection of 0..9, got {digits}")
-    if n_per_digit < 1 or steps < 1:
-        raise ConfigError(f"n_per_digit and steps must be >= 1, got n_per_digit={n_per_digit}, steps={steps}")
-    return digits
+def _check_sampling(n_per_digit: int, steps: int, digits, seed, guidance_scale) -> list[int]:
+    """Check the protocol's arguments before any sampling (generate checks the rest again, cheaply)."""
+    if isinstance(digits, (str, bytes)) or not isinstance(digits, Iterable):
+        raise DataError(f"digits must be a collection of integers 0..9 such as range(10) or [3, 7], got {digits!r}")
+    digits = list(digits)
+    if not digits or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d <= 9
+                         for d in digits):
+        raise DataError(f"digits must be a non-empty collection of integers 0..9, got {digits}")
+    check_int(n_per_digit, "n_per_digit", 1, hint="how many samples per digit")
+    check_steps(steps, SCHEDULER_CONFIG["num_train_timesteps"])
+    check_seed(seed)
+    check_guidance_scale(guidance_scale)
+    return [int(d) for d in digits]
 
 
 def evaluate(pipe, style: str | None = None, digits=range(10), n_per_digit: int = 10, seed: int = 0,
@@ -222,7 +230,7 @@ def evaluate(pipe, style: str | None = None, digits=range(10), n_per_digit: int 
     from .model import generate
     from .text import make_prompt
 
-    digits = _check_sampling(n_per_digit, steps, digits)
+    digits = _check_sampling(n_per_digit, steps, digits, seed, guidance_scale)
     if len(digits) * n_per_digit < 2:
         raise ConfigError("evaluate needs at least 2 samples for the FID; raise n_per_digit")
     look = LOOKS[_look_index(style)]
@@ -253,7 +261,7 @@ def per_digit_recognition(pipe, n_per_digit: int = 20, seed: int = 0, steps: int
     from .model import generate
     from .text import make_prompt
 
-    digits = _check_sampling(n_per_digit, steps, digits)
+    digits = _check_sampling(n_per_digit, steps, digits, seed, guidance_scale)
     look = LOOKS[_look_index(style)]
     wanted = torch.tensor([d for d in digits for _ in range(n_per_digit)])
     images = generate(pipe, [make_prompt(int(d), None if look == "plain" else look) for d in wanted],

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..io import describe_mismatch, load_tensors, save_tensors
-from .paths import PRETRAINED_DIR
+from .config_file import check_config, read_config
+from .paths import PRETRAINED_DIR, check_data_dir
 from .text import EMBED_DIM, TinyTextEncoder
 
 TINY_UNET_CONFIG = {
@@ -105,16 +106,15 @@ def load_pretrained(folder=None, checkpoint: str | None = None, device=None) -> 
     ``checkpoint`` picks an intermediate pretraining checkpoint by name
     (see :func:`list_checkpoints`) instead of the final weights.
     """
+    if folder is None:
+        check_data_dir()
     folder = Path(folder or PRETRAINED_DIR)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"no config.json in {folder}. Point at a folder written by save_pretrained, "
                               "or run `make data` to regenerate the shipped model.")
-    try:
-        config = json.loads(cfg_path.read_text())
-        unet_config = {k: v for k, v in config["unet"].items() if not k.startswith("_")}
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{cfg_path} is not a valid sara-edu config ({e})") from e
+    config = read_config(cfg_path, "course model config")
+    unet_config, scheduler_config = _checked_sections(config, cfg_path)
     unet = build_unet(unet_config, seed=None)
     weights = folder / "unet.safetensors" if checkpoint is None else folder / "checkpoints" / f"{checkpoint}.safetensors"
     if checkpoint is not None and not weights.exists():
@@ -125,12 +125,32 @@ def load_pretrained(folder=None, checkpoint: str | None = None, device=None) -> 
     text_encoder = TinyTextEncoder()
     te_state, _ = load_tensors(folder / "text_encoder.safetensors")
     load_state_dict_checked(text_encoder, te_state, source="text_encoder.safetensors")
-    pipe = TinyDiffusion(unet.eval(), text_encoder, config.get("scheduler", dict(SCHEDULER_CONFIG)))
+    pipe = TinyDiffusion(unet.eval(), text_encoder, scheduler_config)
     return pipe.to(device) if device is not None else pipe
+
+
+def _checked_sections(config: dict, cfg_path: Path) -> tuple[dict, dict]:
+    """The ``unet`` and ``scheduler`` settings of a course config, each checked against its class."""
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+    sections = {}
+    for key, default in (("unet", None), ("scheduler", SCHEDULER_CONFIG)):
+        value = config.get(key, default)
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{cfg_path}: key {key!r} must be a JSON object of settings, got "
+                                  f"{'nothing' if value is None else type(value).__name__}. Re-create the folder "
+                                  "with save_pretrained (or `make data` for the shipped model).")
+        sections[key] = {k: v for k, v in value.items() if not k.startswith("_")}
+    check_config(sections["unet"], UNet2DConditionModel, f"{cfg_path} ['unet']", allow_unknown=False)
+    for cls in (DDPMScheduler, DDIMScheduler):  # training adds noise with one, generate samples with the other
+        check_config(sections["scheduler"], cls, f"{cfg_path} ['scheduler']", allow_unknown=False)
+    return sections["unet"], dict(sections["scheduler"])
 
 
 def list_checkpoints(folder=None) -> list[str]:
     """Names of the intermediate pretraining checkpoints, in training order."""
+    if folder is None:
+        check_data_dir()
     folder = Path(folder or PRETRAINED_DIR) / "checkpoints"
     return sorted(p.stem for p in folder.glob("*.safetensors"))
 
@@ -146,12 +166,12 @@ def generate(pipe: TinyDiffusion, prompts, steps: int = 25, seed: int = 0, guida
     """
     from diffusers import DDIMScheduler
 
-    from ..errors import ConfigError
+    from .sampling import check_sampling_args
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
+    check_pipe(pipe, "generate")
+    max_steps = int(pipe.scheduler_config.get("num_train_timesteps", SCHEDULER_CONFIG["num_train_timesteps"]))
+    prompts, steps, seed, guidance_scale, batch_size = check_sampling_args(
+        prompts, steps, seed, guidance_scale, batch_size, max_steps)
     unet, device = pipe.unet, pipe.device
     cfg = unet.config
     scheduler = DDIMScheduler(**pipe.scheduler_config)
@@ -160,17 +180,47 @@ def generate(pipe: TinyDiffusion, prompts, steps: int = 25, seed: int = 0, guida
     out = []
     was_training = unet.training
     unet.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        cond = pipe.encode(chunk).to(dtype)
-        uncond = pipe.encode([""] * len(chunk)).to(dtype)
-        x = torch.stack([torch.randn(cfg.in_channels, cfg.sample_size, cfg.sample_size,
-                                     generator=torch.Generator().manual_seed(seed + start + i))
-                         for i in range(len(chunk))]).to(device, dtype)
-        for t in scheduler.timesteps:
-            eps = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
-            e_u, e_c = eps.chunk(2)
-            x = scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
-        out.append(x.float().clamp(-1, 1).cpu())
-    unet.train(was_training)
-    return torch.cat(out)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            cond = pipe.encode(chunk).to(dtype)
+            uncond = pipe.encode([""] * len(chunk)).to(dtype)
+            x = torch.stack([torch.randn(cfg.in_channels, cfg.sample_size, cfg.sample_size,
+                                         generator=torch.Generator().manual_seed(seed + start + i))
+                             for i in range(len(chunk))]).to(device, dtype)
+            for t in scheduler.timesteps:
+                eps = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
+                e_u, e_c = eps.chunk(2)
+                x = scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
+            out.append(x.float().clamp(-1, 1).cpu())
+    finally:
+        unet.train(was_training)
+    images = torch.cat(out)
+    if not torch.isfinite(images).all():
+        raise FloatingPointError(f"generate produced NaN or infinite pixels. {non_finite_report(unet)}")
+    return images
+
+
+def check_pipe(pipe, caller: str) -> None:
+    """Refuse anything but a course pipeline (a bare UNet is the usual mix-up)."""
+    if not (isinstance(pipe, TinyDiffusion) or all(hasattr(pipe, a) for a in ("unet", "encode", "scheduler_config"))):
+        raise ConfigError(f"{caller} needs the whole model (a TinyDiffusion, e.g. load_pretrained()), got "
+                          f"{type(pipe).__name__}. A bare UNet has no text encoder: wrap it as TinyDiffusion(unet).")
+
+
+def non_finite_report(module: nn.Module, if_finite: str = "sample in float32 (pipe.unet.float())") -> str:
+    """Which parameters of ``module`` hold NaN or inf, in one sentence (or why the model is not to blame).
+
+    ``if_finite``: what to suggest when every weight is finite (the arithmetic overflowed).
+    """
+    bad = []
+    for name, p in module.named_parameters():
+        if p.is_floating_point():
+            n = int((~torch.isfinite(p.detach())).sum())
+            if n:
+                bad.append(f"{name} ({n:,} of {p.numel():,})")
+    if not bad:
+        return f"Every weight is finite, so the computation overflowed (float16 overflows easily): {if_finite}."
+    more = f" and {len(bad) - 3} more parameters" if len(bad) > 3 else ""
+    return (f"The model's weights are not finite: {', '.join(bad[:3])}{more}. A diverged training run leaves "
+            "such weights; reload the pretrained model (load_pretrained()) and train with a lower lr.")

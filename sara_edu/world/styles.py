@@ -94,12 +94,21 @@ STYLE_FUNCTIONS = {f.__name__: f for f in (plain, barbiecore, cyberpunk, element
 
 def apply_style(ink: torch.Tensor, style: str | None, seed: int = 0) -> torch.Tensor:
     """Render ink (N, H, W) in [0, 1] in a look; returns (N, 3, H, W) in [-1, 1]."""
+    from ..errors import DataError, PromptError
+    from .sampling import check_seed
+
+    if not isinstance(ink, torch.Tensor) or ink.ndim != 3 or not ink.is_floating_point():
+        got = tuple(ink.shape) if isinstance(ink, torch.Tensor) else type(ink).__name__
+        raise DataError(f"ink must be a float tensor of shape (N, H, W) in [0, 1], got {got}"
+                        + (" (add a batch dimension with ink[None])" if getattr(ink, "ndim", 0) == 2 else ""))
+    if style is not None and not isinstance(style, str):
+        raise PromptError(f"style must be a look name or None, got {type(style).__name__} {style!r}")
     style = "plain" if style in (None, "") else style.lower()
     if style not in STYLE_FUNCTIONS:
-        from ..errors import PromptError
-
         raise PromptError(f"unknown style {style!r}; choose one of {', '.join(LOOKS)}")
-    g = torch.Generator().manual_seed(seed)
+    if not bool(torch.isfinite(ink).all()):
+        raise DataError("ink contains NaN or infinite values; ink maps hold values in [0, 1]")
+    g = torch.Generator().manual_seed(check_seed(seed, hint="it seeds each image's colour jitter"))
     jitter = torch.randn(ink.shape[0], 3, 1, 1, generator=g).clamp(-2, 2)
     rgb = STYLE_FUNCTIONS[style](ink.float(), jitter).clamp(0, 1)
     return rgb * 2 - 1

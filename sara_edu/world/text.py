@@ -10,6 +10,7 @@ UNet what those embeddings mean.
 """
 from __future__ import annotations
 
+import numbers
 import re
 
 import torch
@@ -26,8 +27,11 @@ EMBED_DIM = 32
 
 def make_prompt(digit: int, style: str | None = None) -> str:
     """The course's prompt for a digit, optionally in one of the five styles."""
-    if not 0 <= int(digit) <= 9:
-        raise PromptError(f"digit must be 0..9, got {digit}")
+    if isinstance(digit, bool) or not isinstance(digit, numbers.Integral) or not 0 <= digit <= 9:
+        raise PromptError(f"digit must be an integer 0..9, got {digit!r}")
+    if style is not None and not isinstance(style, str):
+        raise PromptError(f"style must be a style name or None, got {type(style).__name__} {style!r}; "
+                          f"choose one of {', '.join(STYLES)}")
     if style in (None, "", "plain"):
         return f"a digit {int(digit)}"
     if style.lower() not in STYLES:
@@ -37,6 +41,9 @@ def make_prompt(digit: int, style: str | None = None) -> str:
 
 def tokenize(prompt: str) -> list[int]:
     """Words of ``prompt`` (commas and case ignored) as vocabulary ids, padded."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"a prompt must be a string such as {make_prompt(3)!r}, got {type(prompt).__name__} "
+                          f"{prompt!r}")
     words = [w for w in re.split(r"[\s,]+", prompt.lower().strip()) if w]
     unknown = [w for w in words if w not in VOCAB]
     if unknown:
@@ -66,9 +73,9 @@ class TinyTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str] | str) -> torch.Tensor:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        ids = torch.tensor([tokenize(p) for p in prompts], device=self.token.weight.device)
+        from .sampling import check_prompts
+
+        ids = torch.tensor([tokenize(p) for p in check_prompts(prompts)], device=self.token.weight.device)
         pos = torch.arange(MAX_TOKENS, device=ids.device)
         return self.token(ids) + self.position(pos)[None]
 

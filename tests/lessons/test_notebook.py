@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import matplotlib
 import nbformat
 import numpy as np
@@ -23,14 +25,49 @@ def test_choose_is_keyword_only():
         notebook.choose(5, 25)
 
 
-def test_environment_report_names_what_matters():
+def test_environment_report_names_what_matters_in_a_table():
     report = notebook.environment_report()
+    assert list(report.columns) == ["value"] and report.index.name == "item"
     for key in ("device", "gpu", "torch", "diffusers", "peft", "shipped model folder", "shipped model present",
                 "QUICK setting", "python executable"):
         assert key in report.index
-    assert report["torch"] == torch.__version__
-    assert report["device"] in ("cpu", "cuda", "mps")
-    assert (report["gpu"] == "none") == (not torch.cuda.is_available())
+    value = report["value"]
+    assert value["torch"] == torch.__version__
+    assert value["device"] in ("cpu", "cuda", "mps")
+    assert (value["gpu"] == "none") == (not torch.cuda.is_available())
+    html = report._repr_html_()  # what Jupyter shows: a table with a header, not "dtype: object" text
+    assert "<table" in html and "<th>value</th>" in html and "dtype" not in html
+
+
+def test_locate_course_names_the_package_and_the_model(monkeypatch, tmp_path):
+    from sara_edu.errors import CheckpointError
+    from sara_edu.world import paths
+
+    line = notebook.locate_course()
+    assert f"from {Path(notebook.__file__).resolve().parents[1]}" in line
+    assert f"course model: {paths.PRETRAINED_DIR}" in line
+    monkeypatch.setattr(paths, "PRETRAINED_DIR", tmp_path / "tiny_diffusion")
+    with pytest.raises(CheckpointError, match=r"not in .*tiny_diffusion.*pip install sara-edu.*make data"):
+        notebook.locate_course()
+    assert notebook.locate_course(needs_model=False).endswith("course model: missing")
+
+
+def test_progress_bars_become_plain_text_that_a_saved_notebook_keeps(monkeypatch):
+    import io
+
+    import tqdm.auto
+    from tqdm.notebook import tqdm as widget_tqdm
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", widget_tqdm)  # what a Jupyter kernel gets
+    notebook.use_text_progress_bars()
+    from tqdm.auto import tqdm as bar, trange
+
+    assert not issubclass(bar, widget_tqdm)
+    out = io.StringIO()
+    for _ in bar(range(3), desc="training", file=out):
+        pass
+    assert "training: 100%" in out.getvalue() and "3/3" in out.getvalue()
+    assert list(trange(2, file=io.StringIO())) == [0, 1]
 
 
 def test_to_display_maps_minus_one_one_to_zero_one():
@@ -90,11 +127,13 @@ def test_strip_notebook_outputs(tmp_path):
     cell.outputs = [nbformat.v4.new_output("stream", text="1\n")]
     cell.execution_count = 4
     nb.cells = [nbformat.v4.new_markdown_cell("# hi"), cell]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}  # saved by `make lab`
     path = tmp_path / "n.ipynb"
     nbformat.write(nb, path)
     assert notebook.strip_notebook_outputs([path]) == [path]
     back = nbformat.read(path, as_version=4)
     assert back.cells[1].outputs == [] and back.cells[1].execution_count is None
+    assert "widgets" not in back.metadata
     assert notebook.strip_notebook_outputs([path]) == []  # already clean: untouched
 
 
@@ -112,7 +151,9 @@ def test_sample_figure_one_column_per_digit(tiny_pipe):
 
 def test_setup_notebook_seeds_sets_display_and_names_the_setting(monkeypatch, capsys):
     import pandas as pd
+    import tqdm.auto
 
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.auto.tqdm)  # setup_notebook swaps it: restore afterwards
     monkeypatch.setenv("SARA_EDU_QUICK", "1")
     with matplotlib.rc_context():
         try:
@@ -125,3 +166,4 @@ def test_setup_notebook_seeds_sets_display_and_names_the_setting(monkeypatch, ca
     assert torch.equal(a, torch.rand(2))
     out = capsys.readouterr().out
     assert out.startswith("QUICK") and "steps=10" in out
+    assert "course model:" in out.splitlines()[1]

@@ -1,14 +1,10 @@
 """sara_edu.lessons.sara_step_by_step: the looks inside a SaRA run used by notebook 03."""
 import copy
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from sara_edu.errors import ConfigError
 from sara_edu.lessons import sara_step_by_step as lessons
@@ -72,7 +68,6 @@ def test_spectrum_table_measures_low_rankness_and_skips_unchanged_weights():
         lessons.spectrum_table(before, {})
     with pytest.raises(ConfigError, match="train first"):
         lessons.plot_update_spectra(before, {"same": before})
-    plt.close("all")
 
 
 def test_matrix_weights_are_the_2d_ones():
@@ -134,7 +129,6 @@ def test_progressive_summary_against_a_direct_count():
     assert not check["SaRA mark on the module"] and not check["LoRA layers"]
     with pytest.raises(ConfigError, match="SaRA"):
         lessons.progressive_summary(base, {"x": object()})
-    plt.close("all")
 
 
 def test_file_size_table(tmp_path):
@@ -159,7 +153,26 @@ def test_mask_figure_and_max_difference():
     assert lessons.max_difference(a, a) == 0.0 and lessons.max_difference(a, b) == 0.25
     with pytest.raises(ConfigError):
         lessons.max_difference(a, b[:1])
-    plt.close("all")
+
+
+def test_fixed_batches_feed_two_models_the_same_data_and_the_difference_is_measured(tiny_pipe):
+    import copy
+
+    from sara_edu.world.data import StyleDataset
+
+    data = StyleDataset("cyberpunk", digits=[1, 2], limit_per_digit=3)
+    a, b = lessons.fixed_batches(tiny_pipe, data, 2, batch_size=4), lessons.fixed_batches(tiny_pipe, data, 2, batch_size=4)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    other = copy.deepcopy(tiny_pipe.unet)
+    assert lessons.max_weight_difference(tiny_pipe.unet, other) == 0.0
+    loss = lessons.denoising_loss(other, a[0])
+    loss.backward()
+    with torch.no_grad():
+        other.conv_in.weight.add_(0.25)
+    assert lessons.max_weight_difference(tiny_pipe.unet, other) == pytest.approx(0.25)
+    assert float(loss.detach()) > 0 and other.conv_in.weight.grad is not None
+    with pytest.raises(ConfigError, match="steps"):
+        lessons.fixed_batches(tiny_pipe, data, 0)
 
 
 def test_state_bytes_table_shows_what_each_option_keeps_and_changes(tiny_pipe):

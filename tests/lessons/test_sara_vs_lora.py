@@ -144,10 +144,16 @@ def test_memory_breakdown_adds_up_and_ranks_the_methods(run):
 def test_figures(run):
     _, _, result = run
     fig = compare.plot_costs(result)
-    assert len(fig.axes) == 4 and "MB" in fig.axes[0].get_ylabel()
+    assert len(fig.axes) == 6 and "MB" in fig.axes[0].get_ylabel()
+    everything, own = fig.axes[:2]
+    frame = compare.memory_breakdown_frame(result)
+    totals = [float(t.get_text()) for t in everything.texts]
+    np.testing.assert_allclose(totals, frame["peak above frozen"], atol=0.051)
+    own_totals = [float(t.get_text()) for t in own.texts]  # the method's own memory: no activations
+    np.testing.assert_allclose(own_totals, frame["peak above frozen"] - frame["activations transients"], atol=0.051)
+    assert own.get_ylim()[1] < everything.get_ylim()[1]  # on its own, readable scale
     fig2 = compare.plot_losses(result)
     assert len(fig2.axes[0].get_legend().get_texts()) == 3
-    plt.close("all")
 
 
 def test_side_by_side_uses_the_same_noise_for_every_model(run):
@@ -165,7 +171,6 @@ def test_side_by_side_uses_the_same_noise_for_every_model(run):
     assert not torch.equal(cache[("full fine-tuning", *key)], cache[("pretrained", *key)])
     with pytest.raises(ConfigError, match="unknown method"):
         compare.side_by_side(result, prompt, methods=["DoRA"])
-    plt.close("all")
 
 
 def test_side_by_side_view_for_the_widget(run):
@@ -177,7 +182,6 @@ def test_side_by_side_view_for_the_widget(run):
     assert len([ax for ax in every.axes if ax.images]) == 2 * 4
     with pytest.raises(ConfigError):
         update(method="DoRA")
-    plt.close("all")
 
 
 def test_metric_table_asks_the_three_questions_and_normalises_vlhi_over_the_fine_tuned_models():
@@ -212,7 +216,6 @@ def test_metric_table_asks_the_three_questions_and_normalises_vlhi_over_the_fine
         compare.metric_table(pipes, None, evaluate=fake_evaluate)
     with pytest.raises(ConfigError):
         compare.metric_table({}, "cyberpunk", evaluate=fake_evaluate)
-    plt.close("all")
 
 
 def test_summary_table_joins_costs_and_metrics(run):
@@ -255,3 +258,19 @@ def test_custom_variants_and_per_method_learning_rates():
     assert list(result.runs) == ["λ = 0", "LoRA r=2"]
     assert result.runs["λ = 0"].history.lr.iloc[0] < result.runs["LoRA r=2"].history.lr.iloc[0]
     assert result.runs["λ = 0"].file is None and result.runs["λ = 0"].file_bytes > 0
+
+
+def test_step_times_come_from_the_fair_timing_function(run):
+    """Interleaved, warm-up excluded, process CPU time, tracker off: the table and the figure show those numbers."""
+    _, _, result = run
+    times = result.step_times
+    assert list(times.index) == list(result.runs) and (times.clock == "process CPU").all()
+    assert times.ratio.iloc[0] == 1.0 and (times.seconds > 0).all()
+    costs = result.costs()
+    assert costs["median step time (s)"].tolist() == times.seconds.tolist()
+    for name, r in result.runs.items():  # not the training runs' own wall-clock medians
+        assert costs.loc[name, "median step time (s)"] != r.step_time_s
+    fig = compare.plot_costs(result)
+    step_panel = next(ax for ax in fig.axes if "Step time" in ax.get_title())
+    drawn = [bar.get_height() for bar in step_panel.patches]
+    assert drawn == pytest.approx(times.seconds.tolist())

@@ -140,10 +140,12 @@ def test_inside_an_ipython_shell_outputs_are_displayed_with_ids_and_updated_in_p
     draw, calls = _recorder()
     view = widgets.interactive_or_static(draw, x=widgets.slider(1.0, 0.0, 2.0), mode="m")
     assert isinstance(shown[0], widgets._Controls)  # controls first
-    assert hasattr(shown[1], "savefig")  # then the default figure, as a normal output
+    assert isinstance(shown[1], IPython.display.Image)  # then the default figure, as a plain PNG output
+    assert shown[1].data.startswith(b"\x89PNG") and "image/png" in shown[1]._repr_mimebundle_()[0]
     assert plt.get_fignums() == []  # closed, so the inline backend does not draw it twice
     view.controls["x"].value = 2.0
     assert len(shown) == 2 and len(updated) == 1 and calls[-1] == (2.0, "m", 1.0)
+    assert isinstance(updated[0], IPython.display.Image) and updated[0].data != shown[1].data  # the new figure
 
 
 def test_a_failing_redraw_leaves_no_half_drawn_figure_behind():
@@ -158,3 +160,45 @@ def test_a_failing_redraw_leaves_no_half_drawn_figure_behind():
     view.controls["x"].value = 2
     assert plt.get_fignums() == open_before and isinstance(view.error, ValueError)
     assert "&lt;bad&gt;" in view._status.value  # the message is shown, escaped, under the controls
+
+
+def test_controls_of_one_view_share_a_label_width_so_the_tracks_line_up():
+    view = widgets.interactive_or_static(
+        lambda seed, guidance_scale, tensor: None,
+        seed=widgets.slider(0, 0, 10, description="seed"),
+        guidance_scale=widgets.slider(3.0, 0.0, 8.0, 0.5, description="guidance scale"),
+        tensor=widgets.dropdown(["a.b", "a.c"], description="tensor"))
+    seed, guidance, tensor = view.controls.values()
+    assert seed.style.description_width == guidance.style.description_width == tensor.style.description_width
+    assert seed.style.description_width == f"{len('guidance scale') + 1}ch"  # the longest label fits
+    assert seed.layout.width == guidance.layout.width  # same label + same track = same place on the page
+
+
+def test_long_dropdown_labels_keep_the_part_that_tells_them_apart():
+    names = [f"up_blocks.1.attentions.{a}.transformer_blocks.0.ff.net.{n}.weight" for a in (0, 1) for n in (0, 2)]
+    assert widgets.option_labels(names) == names  # short enough: shown whole
+    short = widgets.option_labels(names, max_chars=40)
+    assert short[0] == "…0.transformer_blocks.0.ff.net.0.weight"  # the shared "up_blocks.1.attentions." goes
+    assert widgets.option_labels(names[2:], max_chars=40) == ["…0.weight", "…2.weight"]
+    long = ["a" * 30 + ".x", "b" * 30 + ".y"]
+    assert widgets.option_labels(long, max_chars=20) == ["…" + long[0][-19:], "…" + long[1][-19:]]  # the tails
+    assert len(set(widgets.option_labels(names, max_chars=20))) == 4  # tails alike: longer labels, never equal
+    assert len(set(short)) == len(names) and all(len(label) <= 40 for label in short)
+    assert all(name.endswith(label.lstrip("…")) for name, label in zip(names, short))
+    menu = widgets.dropdown(names, names[3], description="matrix")
+    assert menu.value == names[3] and menu.label == names[3]  # the value passed on is the full name
+    assert f"{len(names[0]) + 2}ch" in menu.layout.width  # wide enough for the longest label
+
+
+def test_the_status_line_keeps_its_height_and_errors_stay_on_one_line():
+    def fragile(x):
+        if x > 1:
+            raise ValueError("<bad> " + "value " * 40)
+        return "fine"
+
+    view = widgets.interactive_or_static(fragile, x=widgets.slider(1, 0, 3))
+    assert view._status.layout.height == widgets.STATUS_HEIGHT and view._status.layout.overflow == "hidden"
+    view.controls["x"].value = 2
+    assert "nowrap" in view._status.value and "&lt;bad&gt;" in view._status.value
+    view.controls["x"].value = 0
+    assert view._status.value == "" and view._status.layout.height == widgets.STATUS_HEIGHT

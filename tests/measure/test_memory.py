@@ -205,6 +205,31 @@ def test_measure_step_time_is_the_median_after_warmup():
         measure_step_time(fn, repeats=0)
 
 
+def test_compare_step_times_interleaves_excludes_warmup_and_reports_ratios():
+    import time as _time
+
+    from sara_edu.measure.timing import compare_step_times
+
+    calls = []
+
+    def busy(name, seconds):
+        def step():
+            calls.append(name)
+            end = _time.process_time() + seconds
+            while _time.process_time() < end:
+                pass
+        return step
+
+    table = compare_step_times({"fast": busy("fast", 0.002), "slow": busy("slow", 0.02)}, repeats=3, warmup=1,
+                               reference="fast")
+    assert calls[:4] == ["fast", "slow", "slow", "fast"]  # each round starts with another method
+    assert len(calls) == 8  # 1 warm-up + 3 counted rounds, 2 methods
+    assert table.loc["slow", "ratio"] > 5 and table.loc["fast", "ratio"] == 1.0
+    assert (table.clock == "process CPU").all()
+    with pytest.raises(ConfigError, match="reference"):
+        compare_step_times({"a": lambda: None}, reference="b")
+
+
 def test_live_bytes_counts_what_the_optimizer_keeps_between_steps():
     from torch import nn
 

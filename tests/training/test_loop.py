@@ -61,3 +61,70 @@ def test_empty_dataset_is_a_clear_error(tiny_pipe):
         train(tiny_pipe, [], steps=1, progress=False)
     with pytest.raises(DataError, match="empty"):
         TensorImageDataset(torch.zeros(0, 3, 16, 16), [])
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"max_grad_norm": math.nan}, "max_grad_norm"), ({"max_grad_norm": math.inf}, "max_grad_norm"),
+    ({"max_grad_norm": 0}, "max_grad_norm"), ({"warmup_steps": 1.5}, "warmup_steps"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"), ({"steps": 2.0}, "steps"),
+    ({"weight_decay": math.nan}, "weight_decay"), ({"checkpoint_every": 2}, "checkpoint_dir"),
+    ({"batch_size": 2, "gradient_accumulation_steps": 4}, "batch_size"),
+])
+def test_silently_wrong_settings_are_refused(tiny_pipe, kwargs, msg):
+    ds = StyleDataset(None, digits=[3], limit_per_digit=4)
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    with pytest.raises(ConfigError, match=msg):
+        train(tiny_pipe, ds, **{"steps": 2, **kwargs}, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_pipe.unet.state_dict().items())  # nothing trained
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_get_the_fix_and_float64_trains(tiny_pipe, dtype):
+    import copy
+
+    ds = StyleDataset(None, digits=[3], limit_per_digit=4)
+    half = copy.deepcopy(tiny_pipe)
+    half.unet.to(dtype)
+    with pytest.raises(ConfigError, match=r"float32.*unet.float\(\)|unet\.float\(\)"):
+        train(half, ds, steps=1, batch_size=4, progress=False)
+    double = copy.deepcopy(tiny_pipe)
+    double.unet.double()
+    h = train(double, ds, steps=2, batch_size=4, progress=False)
+    assert h.loss.notna().all() and next(double.unet.parameters()).dtype == torch.float64
+
+
+def test_ctrl_c_keeps_the_steps_done_and_leaves_a_plain_model(tiny_pipe):
+    from sara_edu.sara import attached_owner
+    from sara_edu.training import SaRA
+
+    ds = StyleDataset(None, digits=[3], limit_per_digit=8)
+    method = SaRA(fraction=0.1)
+
+    def interrupt(step, pipe, optimizer):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    h = train(tiny_pipe, ds, method, steps=10, batch_size=4, progress=False, callback=interrupt)
+    assert h.step.tolist() == [1, 2, 3] and "interrupted" in h.attrs["interrupted"]
+    assert attached_owner(tiny_pipe.unet) is None and method.optimizer.detached
+
+
+def test_a_nan_loss_raises_with_the_partial_history_and_the_last_good_weights(tiny_pipe):
+    from sara_edu.training import SaRA
+
+    ds = StyleDataset(None, digits=[3], limit_per_digit=8)
+    snapshot = {}
+
+    def poison(step, pipe, optimizer):
+        if step == 2:
+            snapshot.update({k: v.clone() for k, v in pipe.unet.state_dict().items()})
+            with torch.no_grad():
+                pipe.unet.conv_out.bias.fill_(float("nan"))  # the next forward pass gives NaN
+
+    method = SaRA(fraction=0.1)
+    with pytest.raises(FloatingPointError, match="step 3") as caught:
+        train(tiny_pipe, ds, method, steps=10, batch_size=4, progress=False, callback=poison)
+    assert caught.value.history.step.tolist() == [1, 2]
+    assert method.optimizer.detached
+    changed = [k for k, v in tiny_pipe.unet.state_dict().items() if not torch.equal(v, snapshot[k]) and k != "conv_out.bias"]
+    assert changed == []  # no update was applied at the step whose loss was NaN

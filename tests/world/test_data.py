@@ -97,3 +97,20 @@ def test_bad_image_folders(tmp_path):
     (bad / "a.png").write_text("not an image")
     with pytest.raises(DataError, match="not an image"):
         ImageFolderDataset(bad)
+
+
+def test_prior_preservation_mixes_plain_digits_into_a_style_set():
+    from sara_edu.errors import DataError
+    from sara_edu.world.data import StyleDataset, with_plain_prompts
+
+    style = StyleDataset("cyberpunk", limit_per_digit=4)  # 28 images of digits 0-6
+    mixed = with_plain_prompts(style, fraction=0.5, seed=1)
+    assert len(mixed) == 28 + 14
+    added = mixed.prompts[28:]
+    assert all(p.startswith("a digit ") and "style" not in p for p in added)
+    assert len({p for p in added}) > 3  # several digits, drawn at random (7-9 included in the plain set)
+    assert torch.equal(mixed.images[:28], style.images) and mixed.prompts[:28] == style.prompts
+    assert mixed.prompts == with_plain_prompts(style, fraction=0.5, seed=1).prompts  # seeded
+    for bad in (0, -1, float("nan"), "half", True):
+        with pytest.raises(DataError, match="fraction"):
+            with_plain_prompts(style, fraction=bad)
