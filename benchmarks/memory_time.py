@@ -476,7 +476,11 @@ def run_worker(model: str, key: str, steps: int, tracked: bool, device) -> dict:
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def run_in_fresh_process(model, key, steps, tracked, device, timeout, extra_env=None) -> dict:
+def run_in_fresh_process(model, key, steps, tracked, device, timeout, extra_env=None, keep=None) -> dict:
+    """Run one (model, method) in a new Python process; ``keep``: a JSON file that holds (or will hold)
+    the row, so that an interrupted benchmark resumes where it stopped (``--runs-dir``)."""
+    if keep is not None and keep.exists():
+        return json.loads(keep.read_text())
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--models", model, "--methods", key,
@@ -491,10 +495,14 @@ def run_in_fresh_process(model, key, steps, tracked, device, timeout, extra_env=
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             why = "killed (out of memory?)" if done.returncode in (-9, 137) else " | ".join(tail)
             return {"key": key, "error": f"exit {done.returncode}: {why}"}
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.write_text(out.read_text())
         return json.loads(out.read_text())
 
 
-def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(), fixed_mmap=()) -> pd.DataFrame:
+def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(), fixed_mmap=(),
+                    runs_dir: Path | None = None) -> pd.DataFrame:
     print(f"\n== {model}: {len(keys)} methods x {rounds} rounds, {WARMUP_STEPS} warm-up + {steps} timed steps "
           "each, one fresh process per run ==", flush=True)
     runs = {key: [] for key in keys}
@@ -503,7 +511,8 @@ def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(
             if r > 0 and key in once:
                 continue
             t0 = time.perf_counter()
-            row = run_in_fresh_process(model, key, steps, tracked=(r == 0), device=device, timeout=timeout)
+            keep = None if runs_dir is None else runs_dir / f"{model}_{key}_round{r + 1}_steps{steps}.json"
+            row = run_in_fresh_process(model, key, steps, tracked=(r == 0), device=device, timeout=timeout, keep=keep)
             runs[key].append(row)
             cpu = row.get("step CPU times (s)") or [math.nan]
             print(f"  round {r + 1} {key:<20s} {time.perf_counter() - t0:6.0f} s  "
@@ -511,8 +520,9 @@ def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(
                   f"step CPU {pd.Series(cpu).median():7.3f} s  {row.get('error', '')}", flush=True)
     fixed = {}
     for key in [k for k in keys if k in fixed_mmap]:  # one more run each, with a fixed mmap threshold
+        keep = None if runs_dir is None else runs_dir / f"{model}_{key}_fixed-mmap_steps{steps}.json"
         fixed[key] = row = run_in_fresh_process(model, key, steps, tracked=False, device=device, timeout=timeout,
-                                                extra_env=FIXED_MMAP_THRESHOLD)
+                                                extra_env=FIXED_MMAP_THRESHOLD, keep=keep)
         print(f"  fixed mmap threshold {key:<20s} peak RSS {row.get('peak RSS above loaded model (MB)', math.nan):9.0f}"
               f" MB  {row.get('error', '')}", flush=True)
     rows = []
@@ -630,6 +640,8 @@ def main(argv=None):
     parser.add_argument("--fixed-mmap", default="",
                         help="methods (keys or patterns) that get one more run with glibc's mmap threshold fixed "
                              f"({FIXED_MMAP_THRESHOLD}), for the peak RSS without heap fragmentation")
+    parser.add_argument("--runs-dir", default=None,
+                        help="keep each run's result there and reuse it: rerunning the same command resumes")
     parser.add_argument("--table-from", default=None,
                         help="print the markdown table and targets of an earlier run's CSV, run nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -659,7 +671,8 @@ def main(argv=None):
         return {k for k in keys if any(fnmatch.fnmatchcase(k, p.strip()) for p in patterns.split(",") if p.strip())}
 
     tables = [benchmark_model(m, keys, args.steps or default_steps.get(m, 2), rounds, device, args.timeout,
-                              matching(args.once), matching(args.fixed_mmap)) for m in models]
+                              matching(args.once), matching(args.fixed_mmap),
+                              Path(args.runs_dir) if args.runs_dir else None) for m in models]
     table = pd.concat(tables, ignore_index=True)
     suffix = "_quick" if args.quick else ""  # a smoke run never overwrites the real results
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"memory_time_{device.type}{suffix}.csv"

@@ -23,6 +23,14 @@ runs the AdamW update in fp32 and encodes them again:
   We use torch's native float8 casts rather than a 256-entry code book: a
   nearest-code search (``bucketize``) costs ~20x more per entry on a CPU.
 
+Measured effect (``benchmarks/compact_state.py``: course model, cyberpunk
+style, 200 steps, lr 1e-3, SaRA 10%, same seed and batches as the exact path):
+after the run the weights' update differs from the exact path's by 1.1% (bf16)
+and 7.6% (8 bits) in norm; the FID analogue is 146.9 and 146.7 against 147.0,
+prompt agreement 0.870 for all three, the final loss equal to 4 digits. The
+exact path with another seed differs by 69% (FID 115.0): the rounding is far
+below run-to-run variation.
+
 The stochastic rounding draws from a ``torch.Generator`` owned by the
 optimizer (seeded by its ``seed``, saved in its ``state_dict``), so runs and
 resumed runs are reproducible.

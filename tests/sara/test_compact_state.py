@@ -289,3 +289,24 @@ def test_compact_gradients_accumulate_clip_through_the_model_and_match_the_exact
         runs.append((float(norm), before))
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
     assert torch.equal(runs[1][1], runs[0][1])
+
+
+def test_compact_sara_resumes_from_a_training_checkpoint(tmp_path):
+    """train(..., checkpoint_every) then train(..., resume=True) equals the uninterrupted compact run."""
+    from sara_edu.world.model import TinyDiffusion
+    from sara_edu.world.text import TinyTextEncoder
+
+    data = StyleDataset("cyberpunk", digits=[0, 1], limit_per_digit=4)
+
+    def run(**kwargs):
+        pipe = TinyDiffusion(build_unet(SMALL_CONFIG, seed=0), TinyTextEncoder(seed=0))
+        method = SaRA(fraction=0.1, compact=True, moments="8bit")  # progressive adjustment at step 3
+        train(pipe, data, method, steps=6, lr=1e-3, batch_size=4, seed=3, progress=False, **kwargs)
+        return _flat(pipe.unet)
+
+    straight = run()
+    run(stop_after=4, checkpoint_dir=tmp_path, checkpoint_every=4)
+    steps_run = []
+    resumed = run(checkpoint_dir=tmp_path, resume=True, callback=lambda step, pipe, opt: steps_run.append(step))
+    assert steps_run == [5, 6]  # it did resume from the checkpoint of step 4
+    assert torch.equal(resumed, straight)
