@@ -29,6 +29,10 @@ METHOD_LABELS = {
 PRETRAINED = "pretrained"
 
 
+#: SaRA without one of its parts: trained at SaRA's chosen learning rate.
+ABLATIONS = ("sara_no_nuclear", "sara_no_progressive")
+
+
 SELECTION_METHODS = ("sara", "sara_no_nuclear", "sara_no_progressive", "selective", "lora_matched")
 
 
@@ -42,7 +46,7 @@ TRACKED_STEPS = 2  # memory is counted over attach + these first steps (the trac
 SCHEMA = {
     # what ran
     "run_id": "str", "study": "str", "phase": "str", "method": "str", "style": "str", "seed": "int",
-    "lr": "float", "fraction": "float", "rank_lambda": "float", "steps": "int", "batch_size": "int",
+    "lr": "float", "prior": "int", "fraction": "float", "rank_lambda": "float", "steps": "int", "batch_size": "int",
     "limit_per_digit": "int", "eval_per_digit": "int", "eval_plain_per_digit": "int", "eval_steps": "int",
     "guidance_scale": "float",
     # training and its cost
@@ -101,10 +105,20 @@ def write_results(df: pd.DataFrame, path) -> Path:
 class StudyConfig:
     """Which runs make up a study, and how each is trained and evaluated.
 
-    ``lr_grid``: per method, the learning rates the search tries (the same
-    number of candidates for every method; one candidate means no search).
-    The search runs on ``lr_search_style`` / ``lr_search_seed`` and picks, per
-    method, the candidate with the best VLHI among that method's candidates.
+    ``lr_grid``: per method, the learning rates the search starts from (the
+    same number of candidates for every method; one candidate means no search).
+    The search runs on every (style, seed) of ``lr_search_pairs`` and picks, per
+    method, the candidate with the best VLHI among that method's candidates,
+    averaged over the pairs. When the best candidate is the smallest or largest
+    one tried, the grid grows by one more candidate on that side (the grid's own
+    spacing), up to ``lr_extensions`` times per method, so that the choice is
+    not an edge of the grid.
+
+    ``ablations``: SaRA without one of its parts. They train at SaRA's chosen
+    rate (an ablation changes one thing) on ``ablation_styles`` x ``seeds``.
+    ``prior_methods``: the retention lesson: these methods again, at their
+    chosen rates, with plain prompts mixed into the style set
+    (:func:`~sara_edu.world.data.with_plain_prompts`), on ``prior_styles`` x ``seeds``.
     """
 
     name: str
@@ -117,8 +131,12 @@ class StudyConfig:
     fraction: float = 0.1  # SaRA's (and selective's) trained fraction; LoRA rank-matched to it
     rank_lambda: float = 5e-4  # the authors' λ
     lr_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()
-    lr_search_style: str = "cyberpunk"
-    lr_search_seed: int = 0
+    lr_search_pairs: tuple[tuple[str, int], ...] = (("cyberpunk", 0),)
+    lr_extensions: int = 2
+    ablations: tuple[str, ...] = ()
+    ablation_styles: tuple[str, ...] = ()
+    prior_methods: tuple[str, ...] = ()
+    prior_styles: tuple[str, ...] = ()
     sweep_fractions: tuple[float, ...] = ()
     sweep_lambdas: tuple[float, ...] = ()
     sweep_style: str = "cyberpunk"
@@ -135,10 +153,12 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in METHOD_LABELS]
         if unknown or not self.methods:
             raise ConfigError(f"unknown method(s) {unknown}; choose from {list(METHOD_LABELS)}")
-        bad = [s for s in (*self.styles, self.lr_search_style, self.sweep_style) if s not in STYLES]
+        bad = [s for s in (*self.styles, *(p[0] for p in self.lr_search_pairs), *self.ablation_styles,
+                           *self.prior_styles, self.sweep_style) if s not in STYLES]
         if bad or not self.styles:
             raise ConfigError(f"unknown style(s) {bad}; choose from {list(STYLES)}")
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in (*self.seeds, *self.sweep_seeds)):
+        seeds = (*self.seeds, *self.sweep_seeds, *(p[1] for p in self.lr_search_pairs))
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
             raise ConfigError(f"seeds must be non-negative integers, got {self.seeds} / {self.sweep_seeds}")
         for name in ("steps", "batch_size", "limit_per_digit", "eval_per_digit", "eval_plain_per_digit",
                      "eval_steps"):
@@ -150,6 +170,18 @@ class StudyConfig:
             raise ConfigError("fractions must lie strictly between 0 and 1")
         if self.rank_lambda < 0 or any(v < 0 for v in self.sweep_lambdas):
             raise ConfigError("rank_lambda values must be >= 0")
+        if not self.lr_search_pairs:
+            raise ConfigError("lr_search_pairs needs at least one (style, seed) pair")
+        if not isinstance(self.lr_extensions, int) or self.lr_extensions < 0:
+            raise ConfigError(f"lr_extensions must be a non-negative integer, got {self.lr_extensions!r}")
+        wrong = [m for m in self.ablations if m not in ABLATIONS]
+        if wrong or (self.ablations and not self.ablation_styles) or (self.ablations and "sara" not in self.methods):
+            raise ConfigError(f"ablations {self.ablations} need 'sara' in methods, ablation_styles, and come from "
+                              f"{list(ABLATIONS)}")
+        wrong = [m for m in self.prior_methods if m not in self.methods]
+        if wrong or (self.prior_methods and not self.prior_styles):
+            raise ConfigError(f"prior_methods {self.prior_methods} must be among methods {self.methods} and need "
+                              "prior_styles")
         grid = dict(self.lr_grid)
         for m in self.methods:
             if not grid.get(m) or any(not lr > 0 for lr in grid[m]):
@@ -170,41 +202,39 @@ class StudyConfig:
                 for m in METHOD_LABELS}
 
 
-def _lr_grid(center: dict[str, float], factor: float = 3.0, n: int = 3) -> tuple:
-    """``n`` log-spaced candidates per method, ``factor`` apart, centred on the method's usual rate."""
-    offsets = [factor ** (i - (n - 1) / 2) for i in range(n)]
-    return tuple((m, tuple(float(f"{c * o:.3g}") for o in offsets)) for m, c in center.items())
-
-
-# Usual rates for a short run on the course model: LoRA's B starts at zero and SaRA's
-# trained entries are tiny, so both take larger steps than full fine-tuning.
-_LR_CENTERS = {"sara": 3e-3, "sara_no_nuclear": 3e-3, "sara_no_progressive": 3e-3, "selective": 3e-3,
-               "lora_r4": 3e-3, "lora_matched": 3e-3, "full": 3e-4}
-
-
-#: The study committed in reports/. Sized to run in about 40 minutes on a busy 2-core CPU
-#: (two worker processes): short runs and small evaluations, all seeds and methods kept.
+#: The study committed in reports/ (about 2 hours of a 2-core CPU; resumable).
+#: The budget: reports/budget.csv (``python -m sara_edu.study budget``) has full
+#: fine-tuning at lr 3e-4 reach style agreement >= 0.8 on every style by step 700;
+#: 800 steps leave a margin. Progressive adjustment at half of it (step 400), as the
+#: authors do. The nuclear-norm term penalises one random eligible matrix per step
+#: (the authors' schedule): 800 steps over the course model's 83 matrices is about
+#: 10 penalised steps per matrix.
 FULL = StudyConfig(
-    name="full", steps=60, batch_size=16, limit_per_digit=8,
-    lr_grid=_lr_grid(_LR_CENTERS),
-    sweep_fractions=(0.02, 0.05, 0.1, 0.2, 0.4), sweep_lambdas=(0.0, 5e-5, 5e-4, 5e-3, 5e-2),
-    eval_per_digit=4, eval_plain_per_digit=2, eval_steps=10,
-    notes=("**What was cut to fit the budget** (about 40 minutes of a busy 2-core CPU for the whole grid): "
-           "every method, style and seed of the issue is here, but each run is short: 60 training steps "
-           "(the paper trains for thousands) on 56 images per style; the style metrics use 4 samples per "
-           "digit (28 images for digits 0-6, 12 for the unseen 7-9), the plain-prompt metrics 2 per digit "
-           "(20 images), all with 10 DDIM steps (the course's default is 25); the learning-rate search runs "
-           "on one style and one seed; the sensitivity sweeps on one style with one seed, so they show "
-           "trends, not error bars. FIDs from so few samples are biased upwards (see the floor below) and "
-           "noisy: compare numbers within a column, and trust only differences larger than the spread. "
-           "The runs went three at a time (three 1-thread worker processes) while other jobs shared the "
-           "CPU, so the step times are for comparison between methods only."))
+    name="full", methods=("sara", "lora_r4", "full"), steps=800, batch_size=16, limit_per_digit=8,
+    lr_grid=(("sara", (1e-3, 3e-3, 1e-2)), ("lora_r4", (1e-3, 3e-3, 1e-2)), ("full", (1e-4, 3e-4, 1e-3))),
+    lr_search_pairs=(("elementfire", 0), ("hornify", 1)),
+    ablations=ABLATIONS, ablation_styles=("hornify",),
+    prior_methods=("sara", "lora_r4", "full"), prior_styles=("cyberpunk",),
+    eval_per_digit=6, eval_plain_per_digit=3, eval_steps=20,
+    notes=("**Protocol.** 800 training steps of batch 16 on 56 images per style (8 per digit 0-6): the "
+           "budget at which full fine-tuning learns every style (reports/budget.csv). Learning rates: a "
+           "3-point grid per method, a factor 3 apart, searched on two (style, seed) pairs (elementfire seed 0, "
+           "hornify seed 1, the two slowest styles), widened automatically while the best candidate sits on "
+           "the grid's edge. Every method then trains on the 5 styles x 3 seeds at its chosen rate. The "
+           "ablations (SaRA without the nuclear norm, without progressive adjustment) train at SaRA's rate on "
+           "hornify (the style full fine-tuning learns last) x 3 seeds. For the retention lesson, SaRA, LoRA "
+           "and full fine-tuning train again on cyberpunk x 3 seeds with plain digits mixed in (a third of the "
+           "set, prior preservation). Selective fine-tuning without unstructured backpropagation computes the "
+           "same updates as SaRA without progressive adjustment (it differs only in memory), so it is not run "
+           "again; its memory is in benchmarks/. Evaluation: 6 samples per digit (42 images for digits 0-6, "
+           "18 for the unseen 7-9), 3 per digit for the plain prompts (30 images), 20 DDIM steps. The runs "
+           "went two at a time (two 1-thread processes); step times compare methods only."))
 
 
 #: CI's reduced grid: two methods, one style, one seed, a few steps, tiny evaluation, no search.
 QUICK = StudyConfig(
-    name="quick", methods=("sara", "lora_r4"), styles=("cyberpunk",), seeds=(0,), steps=6, batch_size=8,
-    limit_per_digit=4, lr_grid=(("sara", (3e-3,)), ("lora_r4", (3e-3,))), eval_per_digit=2,
+    name="quick", methods=("sara", "lora_r4", "full"), styles=("cyberpunk",), seeds=(0,), steps=6, batch_size=8,
+    limit_per_digit=4, lr_grid=(("sara", (3e-3,)), ("lora_r4", (3e-3,)), ("full", (3e-4,))), eval_per_digit=2,
     eval_plain_per_digit=1, eval_steps=4,
     notes="The QUICK grid checks that the machinery works end to end; its numbers mean nothing.")
 

@@ -75,6 +75,7 @@ class RunSpec:
     lr: float = math.nan
     fraction: float = math.nan
     rank_lambda: float = math.nan
+    prior: bool = False  # plain prompts mixed into the style set (the retention lesson)
 
     def key(self, config: StudyConfig) -> dict:
         """Everything that determines the run's result (not the phase that asked for it)."""
@@ -84,6 +85,8 @@ class RunSpec:
         training = {} if self.method == PRETRAINED else {
             "lr": num(self.lr), "fraction": num(self.fraction), "rank_lambda": num(self.rank_lambda),
             "steps": config.steps, "batch_size": config.batch_size, "limit_per_digit": config.limit_per_digit}
+        if self.prior:
+            training["prior"] = True
         return {"method": self.method, "style": self.style, "seed": self.seed, **training,
                 "eval": [config.eval_per_digit, config.eval_plain_per_digit, config.eval_steps,
                          num(config.guidance_scale)]}
@@ -94,20 +97,21 @@ class RunSpec:
 
 
 def method_spec(config: StudyConfig, method: str, style: str, seed: int, lr: float, *,
-                fraction: float | None = None, rank_lambda: float | None = None) -> RunSpec:
+                fraction: float | None = None, rank_lambda: float | None = None, prior: bool = False) -> RunSpec:
     """The spec of ``method`` with the study's defaults for the settings that apply to it."""
     frac = (config.fraction if fraction is None else fraction) if method in SELECTION_METHODS else math.nan
     lam = config.method_lambda[method] if rank_lambda is None else rank_lambda
     if method == "sara" and lam == 0:  # SaRA with λ = 0 *is* the no-nuclear ablation: one run, not two
         method = "sara_no_nuclear"
-    return RunSpec(method, style, seed, float(lr), float(frac), float(lam))
+    return RunSpec(method, style, seed, float(lr), float(frac), float(lam), bool(prior))
 
 
 def pretrained_specs(config: StudyConfig) -> list[RunSpec]:
     pairs = {(s, seed) for s in config.styles for seed in config.seeds}
     pairs |= {(config.sweep_style, seed) for seed in config.sweep_seeds if config.sweep_fractions or
               config.sweep_lambdas}
-    pairs |= {(config.lr_search_style, config.lr_search_seed)} if _has_search(config) else set()
+    pairs |= set(config.lr_search_pairs) if _has_search(config) else set()
+    pairs |= {(s, seed) for s in (*config.ablation_styles, *config.prior_styles) for seed in config.seeds}
     return [RunSpec(PRETRAINED, s, seed) for s, seed in sorted(pairs)]
 
 
@@ -115,49 +119,112 @@ def _has_search(config: StudyConfig) -> bool:
     return any(len(lrs) > 1 for lrs in config.lrs.values())
 
 
-def lr_search_specs(config: StudyConfig) -> list[RunSpec]:
+def _sig(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def _candidate_scores(config: StudyConfig, method: str, lrs, by_id) -> dict[float, float] | None:
+    """Per learning rate, VLHI among the candidates, averaged over the search pairs (None: runs missing).
+
+    A candidate that diverged on any pair is out.
+    """
+    from ..world.metrics import vlhi
+
+    per_pair = []
+    for style, seed in config.lr_search_pairs:
+        rows = []
+        for lr in lrs:
+            rid = method_spec(config, method, style, seed, lr).run_id(config)
+            if by_id is None or rid not in by_id.index:
+                return None
+            row = by_id.loc[rid]
+            if row["status"] == "ok" and math.isfinite(row["fid"]) and math.isfinite(row["agreement"]):
+                rows.append((lr, row["fid"], row["agreement"]))
+        scores = vlhi([r[1] for r in rows], [r[2] for r in rows]) if len(rows) > 1 else [1.0] * len(rows)
+        per_pair.append({r[0]: float(v) for r, v in zip(rows, scores)})
+    ok = [lr for lr in lrs if all(lr in d for d in per_pair)]
+    return {lr: sum(d[lr] for d in per_pair) / len(per_pair) for lr in ok}
+
+
+def _best(scores: dict[float, float], lrs) -> float:
+    if not scores:
+        return min(lrs)  # every candidate diverged: the smallest is the least bad
+    return max(scores, key=lambda lr: (round(scores[lr], 9), -lr))  # ties go to the smaller rate
+
+
+def lr_candidates(config: StudyConfig, results: pd.DataFrame) -> dict[str, list[float]]:
+    """Per method, the learning rates the search has to try, given the results so far.
+
+    The grid of ``config.lr_grid``, widened by one candidate (the grid's own
+    ratio) on the side where the best candidate sits on the edge, up to
+    ``config.lr_extensions`` times. A method whose candidates are not all
+    run yet keeps its current list.
+    """
+    by_id = results.set_index("run_id") if len(results) else None
+    out = {}
+    for m in config.methods:
+        lrs = sorted(config.lrs[m])
+        if len(lrs) > 1:
+            ratio = lrs[1] / lrs[0]
+            for _ in range(config.lr_extensions):
+                scores = _candidate_scores(config, m, lrs, by_id)
+                if scores is None:
+                    break
+                best = _best(scores, lrs)
+                if best == lrs[0]:
+                    lrs = [_sig(lrs[0] / ratio), *lrs]
+                elif best == lrs[-1]:
+                    lrs = [*lrs, _sig(lrs[-1] * ratio)]
+                else:
+                    break
+        out[m] = lrs
+    return out
+
+
+def lr_search_specs(config: StudyConfig, results: pd.DataFrame | None = None) -> list[RunSpec]:
     if not _has_search(config):
         return []
-    return [method_spec(config, m, config.lr_search_style, config.lr_search_seed, lr)
-            for m in config.methods for lr in config.lrs[m]]
+    candidates = lr_candidates(config, read_results("/nonexistent") if results is None else results)
+    return [method_spec(config, m, style, seed, lr)
+            for m in config.methods for lr in candidates[m] for style, seed in config.lr_search_pairs]
 
 
 def choose_lrs(config: StudyConfig, results: pd.DataFrame) -> dict[str, float]:
     """Per method, the candidate learning rate with the best VLHI among that method's candidates.
 
     VLHI (:func:`sara_edu.world.metrics.vlhi`) balances style fit (FID) and prompt
-    agreement, the paper's headline number; diverged candidates are out. Ties go
-    to the smaller rate. Raises :class:`DataError` when a candidate has no row yet.
+    agreement, the paper's headline number; it is computed among a method's
+    candidates on each search pair and averaged over the pairs. Diverged candidates
+    are out. Ties go to the smaller rate. The ablations take SaRA's rate. Raises
+    :class:`DataError` when a candidate has no row yet.
     """
-    from ..world.metrics import vlhi
-
-    chosen = {}
     by_id = results.set_index("run_id") if len(results) else None
+    candidates = lr_candidates(config, results)
+    chosen = {}
     for m in config.methods:
-        lrs = sorted(config.lrs[m])
+        lrs = candidates[m]
         if len(lrs) == 1:
             chosen[m] = lrs[0]
             continue
-        rows = []
-        for lr in lrs:
-            rid = method_spec(config, m, config.lr_search_style, config.lr_search_seed, lr).run_id(config)
-            if by_id is None or rid not in by_id.index:
-                raise DataError(f"the learning-rate search has no result yet for {m} at lr={lr}: run the study")
-            row = by_id.loc[rid]
-            if row["status"] == "ok" and math.isfinite(row["fid"]) and math.isfinite(row["agreement"]):
-                rows.append((lr, row["fid"], row["agreement"]))
-        if not rows:
-            chosen[m] = lrs[0]  # every candidate diverged: the smallest is the least bad
-            continue
-        scores = vlhi([r[1] for r in rows], [r[2] for r in rows]) if len(rows) > 1 else [1.0]
-        best = max(range(len(rows)), key=lambda i: (round(float(scores[i]), 9), -rows[i][0]))
-        chosen[m] = rows[best][0]
+        scores = _candidate_scores(config, m, lrs, by_id)
+        if scores is None:
+            raise DataError(f"the learning-rate search has no result yet for {m} at some of {lrs}: run the study")
+        chosen[m] = _best(scores, lrs)
+    for m in config.ablations:
+        chosen[m] = chosen["sara"]
     return chosen
 
 
 def main_specs(config: StudyConfig, lrs: dict[str, float]) -> list[RunSpec]:
-    return [method_spec(config, m, style, seed, lrs[m])
-            for seed in config.seeds for style in config.styles for m in config.methods]
+    """Seed-major: every method, then the ablations, then the prior-preservation runs, seed by seed."""
+    out = []
+    for seed in config.seeds:
+        out += [method_spec(config, m, style, seed, lrs[m]) for style in config.styles for m in config.methods]
+        out += [method_spec(config, m, style, seed, lrs[m]) for style in config.ablation_styles
+                for m in config.ablations]
+        out += [method_spec(config, m, style, seed, lrs[m], prior=True) for style in config.prior_styles
+                for m in config.prior_methods]
+    return out
 
 
 def sweep_specs(config: StudyConfig, lrs: dict[str, float]) -> dict[str, list[RunSpec]]:
@@ -321,12 +388,12 @@ def run_one(spec: RunSpec, config: StudyConfig, model=None) -> dict:
     from ..measure.memory import MB, MemoryTracker
     from ..training.loop import train
     from ..training.lora import LoRA
-    from ..world.data import StyleDataset
+    from ..world.data import StyleDataset, with_plain_prompts
 
     base = _base_pipe(model)
     pipe = copy.deepcopy(base)
     row = {"run_id": spec.run_id(config), "study": config.name, "method": spec.method, "style": spec.style,
-           "seed": spec.seed, "lr": spec.lr, "fraction": spec.fraction, "rank_lambda": spec.rank_lambda,
+           "seed": spec.seed, "lr": spec.lr, "prior": int(spec.prior), "fraction": spec.fraction, "rank_lambda": spec.rank_lambda,
            "steps": 0, "batch_size": 0, "limit_per_digit": 0, "eval_per_digit": config.eval_per_digit,
            "eval_plain_per_digit": config.eval_plain_per_digit, "eval_steps": config.eval_steps,
            "guidance_scale": config.guidance_scale, "status": "ok", "n_train_images": 0,
@@ -337,6 +404,9 @@ def run_one(spec: RunSpec, config: StudyConfig, model=None) -> dict:
         method = make_method(spec, base.unet, config)
         dataset = _cached(("data", spec.style, config.limit_per_digit),
                           lambda: StyleDataset(spec.style, split="train", limit_per_digit=config.limit_per_digit))
+        if spec.prior:
+            dataset = _cached(("prior", spec.style, config.limit_per_digit, spec.seed),
+                              lambda: with_plain_prompts(dataset, fraction=0.5, seed=spec.seed))
         recorded = _Recorded(method)
         tracker = MemoryTracker(model=pipe.unet)
 
@@ -462,6 +532,10 @@ class _Runner:
             self.bar.update(1)
 
 
+def _phase(spec: RunSpec) -> str:
+    return "prior" if spec.prior else "main"
+
+
 def run_study(config: StudyConfig = FULL, out="reports/study_results.csv", model=None, workers: int = 1,
               threads: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Run (or resume) every run of ``config``; return the results table (also in ``out``).
@@ -487,15 +561,19 @@ def run_study(config: StudyConfig = FULL, out="reports/study_results.csv", model
         torch.set_num_threads(threads)
     runner.bar = tqdm(total=0, desc=f"study ({config.name})", unit="run", disable=not progress)
     try:
-        runner.run([("pretrained", s) for s in pretrained_specs(config)] +
-                   [("lr_search", s) for s in lr_search_specs(config)])
+        runner.run([("pretrained", s) for s in pretrained_specs(config)])
+        while True:  # the search widens its grid while a best candidate sits on an edge
+            specs = lr_search_specs(config, runner.results)
+            runner.run([("lr_search", s) for s in specs])
+            if lr_search_specs(config, runner.results) == specs:
+                break
         lrs = choose_lrs(config, runner.results)
         sweeps = [(phase, s) for phase, specs in sweep_specs(config, lrs).items() for s in specs]
         main = main_specs(config, lrs)  # seed-major: an interrupted study has whole seeds
         last = config.seeds[-1]
         # the sweeps before the last seed, so a study cut short still has both the figure and 2+ seeds
-        runner.run([("main", s) for s in main if s.seed != last] + sweeps +
-                   [("main", s) for s in main if s.seed == last])
+        runner.run([(_phase(s), s) for s in main if s.seed != last] + sweeps +
+                   [(_phase(s), s) for s in main if s.seed == last])
     finally:
         runner.bar.close()
         if runner.pool is not None:
