@@ -190,21 +190,113 @@ def test_report_has_the_table1_layout_with_known_numbers(tmp_path):
         assert (tmp_path / "report" / name).stat().st_size > 1000
 
 
+def _search_rows(config, numbers):
+    """Result rows for the search: numbers[(method, lr)] = [(fid, agreement, status) per search pair]."""
+    rows = []
+    for (m, lr), per_pair in numbers.items():
+        for (style, seed), (fid, agr, status) in zip(config.lr_search_pairs, per_pair):
+            spec = study.method_spec(config, m, style, seed, lr)
+            rows.append({"run_id": spec.run_id(config), "status": status, "fid": fid, "agreement": agr})
+    return pd.DataFrame(rows)
+
+
 def test_lr_choice_uses_vlhi_among_candidates_and_skips_diverged():
     config = StudyConfig(name="t", methods=("sara", "full"), styles=("cyberpunk",), seeds=(0,),
-                               lr_grid=(("sara", (1e-3, 3e-3, 1e-2)), ("full", (1e-4, 3e-4, 1e-3))))
-    rows = []
-    numbers = {("sara", 1e-3): (5.0, 0.2, "ok"), ("sara", 3e-3): (3.0, 0.6, "ok"),
-               ("sara", 1e-2): (math.nan, math.nan, "diverged"),
-               ("full", 1e-4): (4.0, 0.9, "ok"), ("full", 3e-4): (2.0, 0.1, "ok"), ("full", 1e-3): (6.0, 0.5, "ok")}
-    for (m, lr), (fid, agr, status) in numbers.items():
-        spec = study.method_spec(config, m, config.lr_search_style, config.lr_search_seed, lr)
-        rows.append({"run_id": spec.run_id(config), "status": status, "fid": fid, "agreement": agr})
-    chosen = study.choose_lrs(config, pd.DataFrame(rows))
+                         lr_grid=(("sara", (1e-3, 3e-3, 1e-2)), ("full", (1e-4, 3e-4, 1e-3))), lr_extensions=0)
+    ok, div = "ok", "diverged"
+    numbers = {("sara", 1e-3): [(5.0, 0.2, ok)], ("sara", 3e-3): [(3.0, 0.6, ok)],
+               ("sara", 1e-2): [(math.nan, math.nan, div)],
+               ("full", 1e-4): [(4.0, 0.9, ok)], ("full", 3e-4): [(2.0, 0.1, ok)], ("full", 1e-3): [(6.0, 0.5, ok)]}
+    rows = _search_rows(config, numbers)
+    chosen = study.choose_lrs(config, rows)
     # sara: 3e-3 wins on both; full: 1e-4 -> (1/2 + 1) = 1.5, 3e-4 -> (1 + 0) = 1, 1e-3 -> (0 + .5) = .5
     assert chosen == {"sara": 3e-3, "full": 1e-4}
     with pytest.raises(DataError, match="no result yet"):
-        study.choose_lrs(config, pd.DataFrame(rows[:2]))
+        study.choose_lrs(config, rows.iloc[:2])
+
+
+def test_lr_search_averages_over_pairs_and_widens_off_an_edge():
+    config = StudyConfig(name="t", methods=("sara",), styles=("cyberpunk", "hornify"), seeds=(0, 1),
+                         lr_grid=(("sara", (1e-3, 3e-3, 1e-2)),),
+                         lr_search_pairs=(("cyberpunk", 0), ("hornify", 1)), lr_extensions=2)
+    ok = "ok"
+    # pair 1 prefers 1e-3 strongly, pair 2 mildly prefers 3e-3: the mean picks the smallest -> an edge
+    numbers = {("sara", 1e-3): [(1.0, 0.9, ok), (2.0, 0.5, ok)], ("sara", 3e-3): [(2.0, 0.5, ok), (1.0, 0.6, ok)],
+               ("sara", 1e-2): [(3.0, 0.1, ok), (3.0, 0.1, ok)]}
+    rows = _search_rows(config, numbers)
+    # VLHI per pair: pair 1 (fid 1,2,3; agr .9,.5,.1) -> 2, 1, 0; pair 2 (fid 2,1,3 -> .5,1,0; agr .5,.6,.1 ->
+    # .8,1,0) -> 1.3, 2, 0. Mean: 1.65, 1.5, 0 -> 1e-3, the grid's smallest: widen downwards
+    assert study.lr_candidates(config, rows) == {"sara": [0.000333, 1e-3, 3e-3, 1e-2]}
+    specs = study.lr_search_specs(config, rows)
+    assert {(s.lr, s.style, s.seed) for s in specs} >= {(0.000333, "cyberpunk", 0), (0.000333, "hornify", 1)}
+    with pytest.raises(DataError, match="no result yet"):  # the widened candidate must run first
+        study.choose_lrs(config, rows)
+    # the new candidate is worse on both pairs: 1e-3 is now interior and chosen, no further widening
+    numbers[("sara", 0.000333)] = [(4.0, 0.2, ok), (4.0, 0.2, ok)]
+    rows = _search_rows(config, numbers)
+    assert study.lr_candidates(config, rows) == {"sara": [0.000333, 1e-3, 3e-3, 1e-2]}
+    assert study.choose_lrs(config, rows) == {"sara": 1e-3}
+    # widening stops after lr_extensions steps even if the best is still the edge
+    numbers[("sara", 0.000333)] = [(0.5, 1.0, ok), (0.5, 1.0, ok)]
+    numbers[("sara", 0.000111)] = [(0.1, 1.0, ok), (0.1, 1.0, ok)]
+    rows = _search_rows(config, numbers)
+    assert study.lr_candidates(config, rows) == {"sara": [0.000111, 0.000333, 1e-3, 3e-3, 1e-2]}
+    assert study.choose_lrs(config, rows) == {"sara": 0.000111}
+
+
+def test_ablations_take_saras_rate_and_prior_runs_mix_plain_prompts():
+    config = StudyConfig(name="t", methods=("sara", "full"), styles=("cyberpunk", "hornify"), seeds=(0, 1),
+                         lr_grid=(("sara", (1e-3,)), ("full", (1e-4,))), ablations=("sara_no_progressive",),
+                         ablation_styles=("hornify",), prior_methods=("full",), prior_styles=("cyberpunk",))
+    lrs = study.choose_lrs(config, read_results(config.name + "-missing.csv"))
+    assert lrs == {"sara": 1e-3, "full": 1e-4, "sara_no_progressive": 1e-3}
+    specs = study.main_specs(config, lrs)
+    assert [s.seed for s in specs] == sorted(s.seed for s in specs)  # seed-major
+    ablation = [s for s in specs if s.method == "sara_no_progressive"]
+    assert {(s.style, s.seed, s.lr) for s in ablation} == {("hornify", 0, 1e-3), ("hornify", 1, 1e-3)}
+    prior = [s for s in specs if s.prior]
+    assert {(s.method, s.style, s.seed) for s in prior} == {("full", "cyberpunk", 0), ("full", "cyberpunk", 1)}
+    plain = study.method_spec(config, "full", "cyberpunk", 0, 1e-4)
+    assert prior[0].run_id(config) != plain.run_id(config)
+    with pytest.raises(ConfigError, match="prior_methods"):
+        dataclasses.replace(config, prior_methods=("lora_r4",))
+    with pytest.raises(ConfigError, match="ablations"):
+        dataclasses.replace(config, ablation_styles=())
+
+
+def test_report_claims_ablations_and_prior_preservation_on_known_numbers(tmp_path):
+    from sara_edu.study.report import claims_rows, prior_table
+
+    df = read_results(_synthetic(tmp_path))
+    extra = []
+    for seed, shift in ((0, 0.1), (1, 0.3)):
+        sara = df[(df.method == "sara") & (df["style"] == "hornify") & (df.seed == seed)].iloc[0]
+        # without progressive: a lower (better) FID on each seed -> VLHI (across the three) 1 higher than SaRA's
+        extra.append({**sara, "run_id": f"np{seed}", "method": "sara_no_progressive", "fid": sara.fid - 1})
+        # without the nuclear norm: identical numbers -> no clear difference
+        extra.append({**sara, "run_id": f"nn{seed}", "method": "sara_no_nuclear"})
+        full = df[(df.method == "full") & (df["style"] == "barbiecore") & (df.seed == seed)].iloc[0]
+        extra.append({**full, "run_id": f"pr{seed}", "phase": "prior", "prior": 1,
+                      "plain_agreement": full.plain_agreement + shift})
+    df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+    # ablation rows stay out of Table 1's rows
+    assert set(main_rows(df).method) == {"sara", "lora_r4", "full"}
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "claims_inputs.csv").write_text(
+        "claim,measure,value\nzeroing,fid_at_0,100\nzeroing,agreement_at_0,1\nzeroing,fid_at_10,110\n"
+        "zeroing,agreement_at_10,1\nzeroing,fid_at_20,200\nzeroing,agreement_at_20,0.9\n")
+    claims = {r[0]: r for r in claims_rows(df, tmp_path)}
+    assert claims["The smallest 10-20% of the weights can be zeroed with little change"][2].startswith(
+        "held up to 10%, not at 20%")
+    # SaRA's FID is 1 lower than LoRA's on every pair: held; agreement .5 vs .9 on every pair: the opposite
+    assert claims["SaRA beats LoRA on the FID analogue"][2] == "held"
+    assert claims["SaRA beats LoRA on prompt agreement (CLIP-score analogue)"][2] == "did not hold (the opposite)"
+    assert claims["The nuclear-norm term reduces overfitting"][2] == "did not hold (no clear difference)"
+    assert claims["Progressive adjustment helps"][2] == "did not hold (the opposite)"
+    assert "VLHI: −1 ± 0 over 2" in claims["Progressive adjustment helps"][3]
+    text = prior_table(df)
+    # full fine-tuning's plain agreement 0.8 -> 0.8 + (0.1, 0.3): +0.2 ± 0.1 over 2 pairs, not clear
+    assert "| full fine-tuning | 2 | 0.8 → 1 (+0.2 ± 0.1 ≈)" in text
 
 
 def test_run_ids_follow_the_settings_not_the_phase():
