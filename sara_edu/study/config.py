@@ -210,11 +210,11 @@ class StudyConfig:
 #: (the authors' schedule): 800 steps over the course model's 83 matrices is about
 #: 10 penalised steps per matrix.
 FULL = StudyConfig(
-    name="full", methods=("sara", "lora_r4", "full"), steps=800, batch_size=16, limit_per_digit=8,
-    lr_grid=(("sara", (1e-3, 3e-3, 1e-2)), ("lora_r4", (1e-3, 3e-3, 1e-2)), ("full", (1e-4, 3e-4, 1e-3))),
+    name="full", methods=("sara", "lora_matched", "full"), steps=800, batch_size=16, limit_per_digit=8,
+    lr_grid=(("sara", (3e-4, 1e-3, 3e-3)), ("lora_matched", (1e-4, 3e-4, 1e-3)), ("full", (1e-4, 3e-4, 1e-3))),
     lr_search_pairs=(("elementfire", 0), ("hornify", 1)),
     ablations=ABLATIONS, ablation_styles=("hornify",),
-    prior_methods=("sara", "lora_r4", "full"), prior_styles=("cyberpunk",),
+    prior_methods=("sara", "lora_matched", "full"), prior_styles=("cyberpunk",),
     eval_per_digit=6, eval_plain_per_digit=3, eval_steps=20,
     notes=("**Protocol.** 800 training steps of batch 16 on 56 images per style (8 per digit 0-6): the "
            "budget at which full fine-tuning learns every style (reports/budget.csv). Learning rates: a "
@@ -223,7 +223,7 @@ FULL = StudyConfig(
            "the grid's edge. Every method then trains on the 5 styles x 3 seeds at its chosen rate. The "
            "ablations (SaRA without the nuclear norm, without progressive adjustment) train at SaRA's rate on "
            "hornify (the style full fine-tuning learns last) x 3 seeds. For the retention lesson, SaRA, LoRA "
-           "and full fine-tuning train again on cyberpunk x 3 seeds with plain digits mixed in (a third of the "
+           "(rank-matched to SaRA's trained count, as in notebook 04) and full fine-tuning train again on cyberpunk x 3 seeds with plain digits mixed in (a third of the "
            "set, prior preservation). Selective fine-tuning without unstructured backpropagation computes the "
            "same updates as SaRA without progressive adjustment (it differs only in memory), so it is not run "
            "again; its memory is in benchmarks/. Evaluation: 6 samples per digit (42 images for digits 0-6, "
