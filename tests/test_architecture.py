@@ -26,7 +26,7 @@ ALLOWED = {
     "world": {"errors", "io", "training"},  # the recipes pretrain with the shared loop
     "sd": {"errors", "io", "training", "world"},
     "study": {"errors", "io", "sara", "training", "world", "measure"},
-    "lessons": {"errors", "io", "sara", "training", "world", "sd", "measure"},
+    "lessons": {"errors", "io", "sara", "training", "world", "sd", "measure", "study"},
 }
 
 

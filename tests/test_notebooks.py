@@ -43,6 +43,29 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 INSTALL_HINT = "%pip install sara-edu"
 
 
+# Appended to a notebook before it runs: prints what the test then checks against the study.
+_CHECK_04 = ("import json\n"
+             "costs = comparison.costs()\n"
+             "fair = comparison.step_times['seconds'].reindex(costs.index)\n"
+             "print('CHECK ' + json.dumps({'lr': costs['learning rate'].to_dict(), 'steps': STEPS,\n"
+             "      'timing_is_fair': bool((costs['median step time (s)'] == fair).all())}))")
+POST_CHECKS = {"04_sara_vs_lora.ipynb": _CHECK_04}
+
+
+def _check_results(name: str, nb) -> None:
+    """Notebook 04 trains each method at the study's chosen rate and shows the fair step times."""
+    import json
+
+    if name != "04_sara_vs_lora.ipynb":
+        return
+    from sara_edu.study.config import CHOSEN_LRS, NOTEBOOK_METHODS
+
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    facts = json.loads(next(line for line in text.splitlines() if line.startswith("CHECK "))[6:])
+    assert facts["lr"] == {label: CHOSEN_LRS[m] for label, m in NOTEBOOK_METHODS.items()}
+    assert facts["timing_is_fair"], "notebook 04's step times must be fair_step_times' (comparison.step_times)"
+
+
 def _ids(path):
     return path.stem
 
@@ -165,6 +188,8 @@ def test_notebook_runs_top_to_bottom_in_quick_mode(path, tmp_path, kernel_spec_m
     work = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOK_DIR, work)
     nb = nbformat.read(work / path.name, as_version=4)
+    if path.name in POST_CHECKS:
+        nb.cells.append(nbformat.v4.new_code_cell(POST_CHECKS[path.name]))
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
     start = time.perf_counter()
     nb = _execute(nb, work, kernel_spec_manager, monkeypatch, path.name)
@@ -174,6 +199,7 @@ def test_notebook_runs_top_to_bottom_in_quick_mode(path, tmp_path, kernel_spec_m
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     _check_saved_outputs(nb, path.name)
+    _check_results(path.name, nb)
     print(f"{path.name}: {elapsed:.0f} s in the QUICK setting")
     if elapsed > QUICK_BUDGET_S:  # a budget, reported rather than a timed assertion
         warnings.warn(f"{path.name} took {elapsed:.0f} s in the QUICK setting (budget {QUICK_BUDGET_S} s)")

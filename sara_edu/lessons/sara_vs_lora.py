@@ -165,6 +165,7 @@ class Comparison:
                          "saved file (MB)": run.file_bytes / MB,
                          "peak memory above frozen weights (MB)": run.memory.peak_above_frozen / MB,
                          "median step time (s)": self._step_time(name, run),
+                         "learning rate": _lr_for(self.settings["lr"], name),
                          "training time (s)": run.train_seconds,
                          "final loss (mean of last 10 steps)": float(run.history.loss.tail(10).mean())})
         return pd.DataFrame(rows).set_index("method")
@@ -177,6 +178,18 @@ class Comparison:
 
 
 # ------------------------------------------------------------------ training
+
+
+def study_learning_rates() -> dict[str, float]:
+    """The learning rate the course's study chose for each of :data:`DEFAULT_METHODS` (``reports/study.md``).
+
+    The study searched each method's rate on two styles and seeds at its 800-step
+    budget; training every method at its own best rate is the fair comparison (one
+    shared rate favours whichever method it happens to suit).
+    """
+    from ..study.config import CHOSEN_LRS, NOTEBOOK_METHODS
+
+    return {label: CHOSEN_LRS[NOTEBOOK_METHODS[label]] for label in DEFAULT_METHODS}
 
 
 def fair_step_times(pipe, dataset, methods: dict, *, lr=1e-3, batch_size: int = 16, repeats: int = 5,

@@ -33,6 +33,20 @@ def load_or_stand_in(model_id_or_path=SD15_ID, device=None) -> tuple["StableDiff
 SUMMARY_COLUMNS = ("peak memory (MB)", "step time (s, median)", "saved file (MB)")
 
 
+def training_step_time(history, device, skip: int = 1) -> float:
+    """Median seconds per training step after ``skip`` warm-up steps, or NaN where it would not be fair.
+
+    On CUDA the notebook trains without the memory tracker and the steps' wall times
+    are what the benchmark measures too. On a CPU the notebook trains *with* the
+    tracker (it is how the CPU's memory is counted), which slows every operation:
+    those times would compare the tracker, not the methods, so none is reported
+    (``benchmarks/memory_time.py`` times CPU steps fairly).
+    """
+    if torch.device(device).type != "cuda" or len(history) <= skip:
+        return float("nan")
+    return float(history.step_time_s.iloc[skip:].median())
+
+
 def plot_sd_summary(summary, full_unet_mb: float, title: str = ""):
     """Notebook 05's cost figure: peak memory, median step time and saved file size per method.
 

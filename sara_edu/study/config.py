@@ -231,6 +231,15 @@ FULL = StudyConfig(
            "went two at a time (two 1-thread processes); step times compare methods only."))
 
 
+#: What the committed study (reports/study_results.csv) chose per method: its learning-rate search's
+#: result, kept here so that notebook 04 and a wheel without reports/ use the same rates.
+#: tests/study/test_committed_study.py checks it against the CSV.
+CHOSEN_LRS = {"sara": 1e-3, "lora_matched": 3e-4, "full": 3e-4}
+
+#: Notebook 04's method labels -> the study's methods.
+NOTEBOOK_METHODS = {"SaRA": "sara", "LoRA": "lora_matched", "full fine-tuning": "full"}
+
+
 #: CI's reduced grid: two methods, one style, one seed, a few steps, tiny evaluation, no search.
 QUICK = StudyConfig(
     name="quick", methods=("sara", "lora_r4", "full"), styles=("cyberpunk",), seeds=(0,), steps=6, batch_size=8,

@@ -33,3 +33,16 @@ def test_sd_summary_figure_refuses_what_it_cannot_draw():
         lesson.plot_sd_summary(_summary().drop(columns="saved file (MB)"), full_unet_mb=3279.0)
     with pytest.raises(ConfigError, match="full_unet_mb"):
         lesson.plot_sd_summary(_summary(), full_unet_mb=0)
+
+
+def test_training_step_time_is_reported_only_where_the_tracker_is_off():
+    import math
+
+    import pandas as pd
+
+    from sara_edu.lessons.stable_diffusion_gpu import training_step_time
+
+    history = pd.DataFrame({"step_time_s": [5.0, 1.0, 3.0, 2.0]})
+    assert training_step_time(history, "cuda") == 2.0  # the first (warm-up) step is left out
+    assert math.isnan(training_step_time(history, "cpu"))  # trained under the memory tracker: not a fair time
+    assert math.isnan(training_step_time(history.iloc[:1], "cuda"))
