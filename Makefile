@@ -42,7 +42,7 @@ data: $(STAMP)
 	$(PY) -m sara_edu.world.recipes.pretrain
 	$(PY) -m sara_edu.world.recipes.classifier
 
-# The study behind reports/study.md (about 40 min on a 2-core CPU; resumable: rerun to continue).
+# The study behind reports/study.md (about 2 hours on a 2-core CPU; resumable: rerun to continue).
 study: $(STAMP)
 	$(PY) -m sara_edu.study run --workers 2 --threads 1
 	$(PY) -m sara_edu.study report
