@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..measure.memory import CATEGORIES, MB, MemoryReport, MemoryTracker
 from ..training.loop import pick_device
 from ..training.method import FullFineTuning, TrainingMethod
@@ -190,6 +190,25 @@ def study_learning_rates() -> dict[str, float]:
     from ..study.config import CHOSEN_LRS, NOTEBOOK_METHODS
 
     return {label: CHOSEN_LRS[NOTEBOOK_METHODS[label]] for label in DEFAULT_METHODS}
+
+
+def paper_claims() -> pd.DataFrame:
+    """The paper's claims as the course's study checked them (``reports/study.md``), one row per claim.
+
+    Read from the committed study (``reports/study_results.csv``) and benchmark results
+    in a checkout of the repository; an installed package without them raises
+    :class:`DataError` saying where to find the table.
+    """
+    from ..study.report import claims_rows, load_study
+    from ..world.paths import REPO_ROOT
+
+    csv = REPO_ROOT / "reports" / "study_results.csv"
+    if not csv.exists():
+        raise DataError(f"no committed study at {csv}: the claims table is in reports/study.md of the course's "
+                        "repository (or run `python -m sara_edu.study run` and `... report` there)")
+    rows = claims_rows(load_study(csv, "full"), REPO_ROOT)
+    return pd.DataFrame(rows, columns=["the paper's claim", "where the course checks it", "verdict", "number"]
+                        ).set_index("the paper's claim")
 
 
 def fair_step_times(pipe, dataset, methods: dict, *, lr=1e-3, batch_size: int = 16, repeats: int = 5,

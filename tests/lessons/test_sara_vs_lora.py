@@ -274,3 +274,13 @@ def test_step_times_come_from_the_fair_timing_function(run):
     step_panel = next(ax for ax in fig.axes if "Step time" in ax.get_title())
     drawn = [bar.get_height() for bar in step_panel.patches]
     assert drawn == pytest.approx(times.seconds.tolist())
+
+
+def test_paper_claims_reads_the_committed_study_or_says_where_it_is(monkeypatch, tmp_path):
+    from sara_edu.errors import DataError
+    from sara_edu.lessons import sara_vs_lora
+    from sara_edu.world import paths
+
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)  # a wheel: no reports/
+    with pytest.raises(DataError, match="reports/study.md"):
+        sara_vs_lora.paper_claims()
