@@ -199,16 +199,16 @@ def paper_claims() -> pd.DataFrame:
     in a checkout of the repository; an installed package without them raises
     :class:`DataError` saying where to find the table.
     """
-    from ..study.report import claims_rows, load_study
+    from ..study.config import FULL
+    from ..study.report import CLAIMS_COLUMNS, claims_rows, load_study
     from ..world.paths import REPO_ROOT
 
     csv = REPO_ROOT / "reports" / "study_results.csv"
     if not csv.exists():
         raise DataError(f"no committed study at {csv}: the claims table is in reports/study.md of the course's "
                         "repository (or run `python -m sara_edu.study run` and `... report` there)")
-    rows = claims_rows(load_study(csv, "full"), REPO_ROOT)
-    return pd.DataFrame(rows, columns=["the paper's claim", "where the course checks it", "verdict", "number"]
-                        ).set_index("the paper's claim")
+    rows = claims_rows(load_study(csv, FULL.name), REPO_ROOT)
+    return pd.DataFrame(rows, columns=CLAIMS_COLUMNS).set_index(CLAIMS_COLUMNS[0])
 
 
 def fair_step_times(pipe, dataset, methods: dict, *, lr=1e-3, batch_size: int = 16, repeats: int = 5,

@@ -159,7 +159,8 @@ class StudyConfig:
             raise ConfigError(f"unknown style(s) {bad}; choose from {list(STYLES)}")
         seeds = (*self.seeds, *self.sweep_seeds, *(p[1] for p in self.lr_search_pairs))
         if not self.seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
-            raise ConfigError(f"seeds must be non-negative integers, got {self.seeds} / {self.sweep_seeds}")
+            raise ConfigError(f"seeds must be non-negative integers, got seeds={self.seeds}, sweep_seeds="
+                              f"{self.sweep_seeds}, lr_search_pairs={self.lr_search_pairs}")
         for name in ("steps", "batch_size", "limit_per_digit", "eval_per_digit", "eval_plain_per_digit",
                      "eval_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -223,8 +224,8 @@ FULL = StudyConfig(
            "the grid's edge. Every method then trains on the 5 styles x 3 seeds at its chosen rate. The "
            "ablations (SaRA without the nuclear norm, without progressive adjustment) train at SaRA's rate on "
            "hornify (the style full fine-tuning learns last) x 3 seeds. For the retention lesson, SaRA, LoRA "
-           "(rank-matched to SaRA's trained count, as in notebook 04) and full fine-tuning train again on cyberpunk x 3 seeds with plain digits mixed in (a third of the "
-           "set, prior preservation). Selective fine-tuning without unstructured backpropagation computes the "
+           "(rank-matched to SaRA's trained count, as in notebook 04) and full fine-tuning train again on "
+           "cyberpunk x 3 seeds with plain digits mixed in (a third of the set, prior preservation). Selective fine-tuning without unstructured backpropagation computes the "
            "same updates as SaRA without progressive adjustment (it differs only in memory), so it is not run "
            "again; its memory is in benchmarks/. Evaluation: 6 samples per digit (42 images for digits 0-6, "
            "18 for the unseen 7-9), 3 per digit for the plain prompts (30 images), 20 DDIM steps. The runs "
@@ -240,7 +241,7 @@ CHOSEN_LRS = {"sara": 1e-3, "lora_matched": 3e-3, "full": 3e-4}
 NOTEBOOK_METHODS = {"SaRA": "sara", "LoRA": "lora_matched", "full fine-tuning": "full"}
 
 
-#: CI's reduced grid: two methods, one style, one seed, a few steps, tiny evaluation, no search.
+#: CI's reduced grid: three methods, one style, one seed, a few steps, tiny evaluation, no search.
 QUICK = StudyConfig(
     name="quick", methods=("sara", "lora_r4", "full"), styles=("cyberpunk",), seeds=(0,), steps=6, batch_size=8,
     limit_per_digit=4, lr_grid=(("sara", (3e-3,)), ("lora_r4", (3e-3,)), ("full", (3e-4,))), eval_per_digit=2,

@@ -152,7 +152,7 @@ def _best(scores: dict[float, float], lrs) -> float:
     return max(scores, key=lambda lr: (round(scores[lr], 9), -lr))  # ties go to the smaller rate
 
 
-def lr_candidates(config: StudyConfig, results: pd.DataFrame) -> dict[str, list[float]]:
+def lr_candidates(config: StudyConfig, results: pd.DataFrame | None) -> dict[str, list[float]]:
     """Per method, the learning rates the search has to try, given the results so far.
 
     The grid of ``config.lr_grid``, widened by one candidate (the grid's own
@@ -160,7 +160,7 @@ def lr_candidates(config: StudyConfig, results: pd.DataFrame) -> dict[str, list[
     ``config.lr_extensions`` times. A method whose candidates are not all
     run yet keeps its current list.
     """
-    by_id = results.set_index("run_id") if len(results) else None
+    by_id = results.set_index("run_id") if results is not None and len(results) else None
     out = {}
     for m in config.methods:
         lrs = sorted(config.lrs[m])
@@ -184,7 +184,7 @@ def lr_candidates(config: StudyConfig, results: pd.DataFrame) -> dict[str, list[
 def lr_search_specs(config: StudyConfig, results: pd.DataFrame | None = None) -> list[RunSpec]:
     if not _has_search(config):
         return []
-    candidates = lr_candidates(config, read_results("/nonexistent") if results is None else results)
+    candidates = lr_candidates(config, results)
     return [method_spec(config, m, style, seed, lr)
             for m in config.methods for lr in candidates[m] for style, seed in config.lr_search_pairs]
 
@@ -393,7 +393,8 @@ def run_one(spec: RunSpec, config: StudyConfig, model=None) -> dict:
     base = _base_pipe(model)
     pipe = copy.deepcopy(base)
     row = {"run_id": spec.run_id(config), "study": config.name, "method": spec.method, "style": spec.style,
-           "seed": spec.seed, "lr": spec.lr, "prior": int(spec.prior), "fraction": spec.fraction, "rank_lambda": spec.rank_lambda,
+           "seed": spec.seed, "lr": spec.lr, "prior": int(spec.prior), "fraction": spec.fraction,
+           "rank_lambda": spec.rank_lambda,
            "steps": 0, "batch_size": 0, "limit_per_digit": 0, "eval_per_digit": config.eval_per_digit,
            "eval_plain_per_digit": config.eval_plain_per_digit, "eval_steps": config.eval_steps,
            "guidance_scale": config.guidance_scale, "status": "ok", "n_train_images": 0,
