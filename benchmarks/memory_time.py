@@ -65,6 +65,7 @@ from sara_edu.training.lora import LoRA, lora_rank_matching, save_lora  # noqa: 
 from sara_edu.training.method import FullFineTuning, TrainingMethod  # noqa: E402
 
 WARMUP_STEPS = 2  # tracked in round 1, untimed in every round
+GPU_RESERVED = "peak GPU memory reserved above loaded model (MB)"
 SD15_CONFIG = ROOT / "sara_edu" / "sd" / "sd15_unet_config.json"
 CACHE = Path(tempfile.gettempdir()) / "sara_edu_bench"
 # Stable Diffusion 1.5's training noise schedule (its scheduler_config.json, DDPM part)
@@ -402,7 +403,7 @@ def saved_file_bytes(key, method, unet, folder: Path) -> float:
 def run_worker(model: str, key: str, steps: int, tracked: bool, device) -> dict:
     """Load the model, attach ``key``, train warm-up + timed steps; measure (see module docstring)."""
     fresh, dataset, batch_size, _ = make_setup(model, device)
-    pipe = fresh()
+    pipe = fresh().to(device)  # the loaded model is on the device before anything is measured
     unet = pipe.unet
     label, factory = METHODS[key]
     method, custom_label = factory(unet)
@@ -410,6 +411,10 @@ def run_worker(model: str, key: str, steps: int, tracked: bool, device) -> dict:
     gc.collect()
     rss_loaded = current_rss_bytes()
     rss_reset = reset_peak_rss()
+    if device.type == "cuda":  # the GPU's "OS view": what the caching allocator holds, fragmentation included
+        torch.cuda.synchronize(device)
+        reserved_loaded = torch.cuda.memory_reserved(device)
+        torch.cuda.reset_peak_memory_stats(device)
     tracker = MemoryTracker(device=device, model=unet) if tracked else None
     if isinstance(method, PlainForwardBackward):
         method.tracker = tracker
@@ -441,13 +446,16 @@ def run_worker(model: str, key: str, steps: int, tracked: bool, device) -> dict:
     else:
         run()
     peak_rss = peak_rss_bytes()
+    gpu = {}
+    if device.type == "cuda":
+        gpu[GPU_RESERVED] = (torch.cuda.max_memory_reserved(device) - reserved_loaded) / MB
     cpu = [marks[k][0] - marks[k - 1][0] for k in range(WARMUP_STEPS + 1, WARMUP_STEPS + steps + 1)]
     wall = [marks[k][1] - marks[k - 1][1] for k in range(WARMUP_STEPS + 1, WARMUP_STEPS + steps + 1)]
     n = trainable_count(method, unet)
     optimizer_cpu = [t[0] for t in timed.times[WARMUP_STEPS:WARMUP_STEPS + steps]]
     row = {"method": label, "key": key, "trainable parameters": n, "step optimizer CPU times (s)": optimizer_cpu,
            "peak RSS above loaded model (MB)": (peak_rss - rss_loaded) / MB if rss_reset else math.nan,
-           "RSS after loading (MB)": rss_loaded / MB, "step CPU times (s)": cpu, "step wall times (s)": wall}
+           "RSS after loading (MB)": rss_loaded / MB, "step CPU times (s)": cpu, "step wall times (s)": wall, **gpu}
     if tracker is not None:
         report = tracker.report(unet)
         row.update({"tracker peak above frozen (MB)": report.peak_above_frozen / MB,
@@ -533,6 +541,8 @@ def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(
             continue
         row = {"model": model, **{k: v for k, v in ok[0].items() if not k.startswith("step ")}}
         row["peak RSS above loaded model (MB)"] = max(r["peak RSS above loaded model (MB)"] for r in ok)
+        if all(GPU_RESERVED in r for r in ok):
+            row[GPU_RESERVED] = max(r[GPU_RESERVED] for r in ok)
         row["median step CPU (s)"] = float(pd.Series([t for r in ok for t in r["step CPU times (s)"]]).median())
         row["median step wall (s)"] = float(pd.Series([t for r in ok for t in r["step wall times (s)"]]).median())
         row["min step CPU (s)"] = float(min(t for r in ok for t in r["step CPU times (s)"]))
@@ -570,13 +580,16 @@ def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | N
             compact = key.startswith("sara-compact") or key == "sara-linear-compact"
             results.append((f"{key}: persistent state per trained entry" + (" <= 8 B" if compact else ""),
                             (b <= 8) if compact else None, f"{b:.2f} B"))
-    for column, how in (("peak RSS above loaded model (MB)", "glibc default"),
-                        ("peak RSS above loaded model, fixed mmap threshold (MB)", "fixed mmap threshold")):
+    on_gpu = GPU_RESERVED in t and t[GPU_RESERVED].notna().any()
+    views = (((GPU_RESERVED, "peak GPU memory", "CUDA allocator reserved"),) if on_gpu else
+             (("peak RSS above loaded model (MB)", "peak RSS", "glibc default"),
+              ("peak RSS above loaded model, fixed mmap threshold (MB)", "peak RSS", "fixed mmap threshold")))
+    for column, what, how in views:
         full_rss = val("full", column)
         for key in ("sara-compact", "sara-compact8", "sara"):
             rss = val(key, column)
             if rss is not None and full_rss:
-                results.append((f"{key}: peak RSS <= 0.10x full fine-tuning's ({how})", rss <= 0.10 * full_rss,
+                results.append((f"{key}: {what} <= 0.10x full fine-tuning's ({how})", rss <= 0.10 * full_rss,
                                 f"{rss / full_rss:.3f}x ({rss:.0f} / {full_rss:.0f} MB)"))
     for key in [k for k in t.index if k.startswith("sara")]:
         x = val(key, "x plain fwd+bwd")
@@ -603,12 +616,15 @@ def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | N
 
 def markdown_table(table: pd.DataFrame) -> str:
     """The README's table: one row per (model, method), the columns the targets are about."""
+    on_gpu = GPU_RESERVED in table and table[GPU_RESERVED].notna().any()
+    timing = ("median step wall (s)", "wall s/step", "{:.3g}") if on_gpu else ("median step CPU (s)", "CPU s/step", "{:.3g}")
     cols = [("model", "model", "{}"), ("method", "method", "{}"), ("trainable parameters", "trainable", "{:,.0f}"),
             ("state per trained entry (B)", "state B/entry", "{:.2f}"),
             ("tracker peak above frozen (MB)", "tracker peak MB", "{:,.0f}"),
             ("peak RSS above loaded model (MB)", "peak RSS MB", "{:,.0f}"),
             ("peak RSS above loaded model, fixed mmap threshold (MB)", "peak RSS MB, fixed mmap", "{:,.0f}"),
-            ("median step CPU (s)", "CPU s/step", "{:.3g}"), ("x plain fwd+bwd", "x plain", "{:.2f}"),
+            (GPU_RESERVED, "GPU reserved MB", "{:,.0f}"),
+            timing, ("x plain fwd+bwd", "x plain", "{:.2f}"),
             ("saved file (MB)", "file MB", "{:.3g}")]
     cols = [c for c in cols if c[0] in table]
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |",
