@@ -12,17 +12,18 @@ stock ``torch.optim.AdamW`` on those copies. The compact options cannot:
 * ``moments="bf16"``/``"8bit"`` store the moments in a format stock AdamW does
   not know (:mod:`sara_edu.sara.moments`).
 
-So :func:`compact_adamw_step` runs the AdamW update itself, in fp32, with
-torch's formula and order of operations (``torch.optim.adam._single_tensor_adam``
-with decoupled weight decay). With fp32 moments it is bit for bit the exact
-path with ``fused=False`` (torch's single-tensor/foreach AdamW); against the
-default fused kernel it differs by float32 rounding after a step (~1e-9 on
-the course model), which training amplifies to a 0.013% difference of the
-update after 200 steps (``benchmarks/compact_state.py``; FID and prompt
-agreement unchanged).
+So :func:`compact_adamw_step` runs the AdamW update itself, in fp32, one
+layer at a time, with the kernel the exact path would use: torch's fused
+AdamW kernel (``torch._fused_adamw_``, called as ``torch.optim.AdamW(fused=True)``
+calls it) when the optimizer is fused (the default on CPU and CUDA), else
+torch's single-tensor formula written out (:func:`adamw_math_`, the order of
+operations of ``torch.optim.adam._single_tensor_adam`` with decoupled weight
+decay). With fp32 moments it is therefore bit for bit the exact path with the
+same ``fused`` setting.
 
-Everything per layer is transient (decoded positions, gathered values, fp32
-moments, the denominator): at most a few copies of the largest layer's trained
+Everything per layer is transient (positions decoded once, straight to int64,
+for the gather and the scatter; fp32 moments; gathered values, per chunk on a
+CPU, see ``CPU_CHUNK``): at most a few copies of the largest layer's trained
 entries are alive at once.
 """
 from __future__ import annotations
@@ -32,6 +33,13 @@ import torch
 from ..errors import ConfigError
 from .attach import flat_view
 from .moments import init_moments, load_moments, store_moments
+
+# On a CPU each layer is gathered, updated and scattered in chunks of this many entries: the scatter then
+# writes cache lines that the chunk's gather has just read, instead of reading the weight from memory again
+# (~2.5 of ~17 ns per entry at 10% density; 4K-16K entries measured best). A multiple of 64: torch's fused
+# CPU kernel computes the last entries of each call (fewer than a vector) with scalar code, which can round
+# differently. On CUDA what counts is launching few kernels: one chunk per layer.
+CPU_CHUNK = 1 << 13
 
 
 def placeholder(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -74,6 +82,24 @@ def adamw_math_(param, grad, exp_avg, exp_avg_sq, step: float, lr: float, beta1:
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def _new_state(state: dict, group: dict, n: int, kind: str, device) -> None:
+    # the step counter where torch.optim.AdamW keeps it: on the param's device for the fused kernel, else on the CPU
+    state["step"] = torch.zeros((), dtype=torch.float32, device=device if group["fused"] else "cpu")
+    init_moments(state, n, kind, device)
+
+
+def _adamw_(param, grad, exp_avg, exp_avg_sq, step: torch.Tensor, group: dict) -> None:
+    """One AdamW update in place with the kernel the exact path would use (``step`` already counted)."""
+    beta1, beta2 = group["betas"]
+    if group["fused"]:  # as torch.optim.adam._fused_adam calls it
+        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=group["lr"], beta1=beta1,
+                            beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                            maximize=False)
+    else:
+        adamw_math_(param, grad, exp_avg, exp_avg_sq, float(step), float(group["lr"]), beta1, beta2, group["eps"],
+                    group["weight_decay"])
+
+
 def init_state(optimizer) -> None:
     """Create every weight's moments (zeros) and step counter now, not at its first step.
 
@@ -81,11 +107,11 @@ def init_state(optimizer) -> None:
     step's transients come and go; allocated lazily, in between them, it leaves
     holes in the heap that the process keeps as resident memory.
     """
+    group = optimizer.param_groups[0]  # at attach time every param is in the one group
     for slot in optimizer.slots:
         state = optimizer.state[slot.values]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            init_moments(state, slot.count, optimizer.moments, slot.param.device)
+            _new_state(state, group, slot.count, optimizer.moments, slot.param.device)
 
 
 @torch.no_grad()
@@ -104,23 +130,23 @@ def compact_adamw_step(optimizer) -> None:
         group = group_of[slot.values]
         state = optimizer.state[slot.values]
         if not state:  # e.g. resumed from a checkpoint saved before this weight's first step
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            init_moments(state, grad.numel(), optimizer.moments, grad.device)
-        idx = slot.idx  # decoded once for this layer
+            _new_state(state, group, grad.numel(), optimizer.moments, grad.device)
+        # decoded once for the gather and the scatter, as int64: scatter_ needs it, and on a CPU scatter_ is
+        # ~1.5x faster than index_put_ with int32 positions
+        idx = slot.positions.decode(torch.int64)
         flat = flat_view(slot.param)
-        if optimizer.value_copy:
-            values = slot.values.detach()
-            work = values if values.dtype == torch.float32 else values.float()
-        else:
-            work = flat.index_select(0, idx)
-            work = work if work.dtype == torch.float32 else work.float()
+        values = slot.values.detach()
+        grad = grad.float()
         exp_avg, exp_avg_sq = load_moments(state)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        adamw_math_(work, grad.float(), exp_avg, exp_avg_sq, float(state["step"]), float(group["lr"]),
-                    beta1, beta2, group["eps"], group["weight_decay"])
+        state["step"] += 1  # as torch's _fused_adamw and _single_tensor_adam: the kernels do not count
+        chunk = CPU_CHUNK if flat.device.type == "cpu" else max(idx.numel(), 1)
+        for part in (slice(s, s + chunk) for s in range(0, idx.numel(), chunk)):
+            if optimizer.value_copy:
+                work = values[part].float()  # a view of the copy, updated in place, when fp32
+            else:
+                work = flat.index_select(0, idx[part]).float()
+            _adamw_(work, grad[part], exp_avg[part], exp_avg_sq[part], state["step"], group)
+            if optimizer.value_copy and values.dtype != torch.float32:
+                values[part] = work
+            flat.scatter_(0, idx[part], work.to(flat.dtype))
         store_moments(state, optimizer.moments, exp_avg, exp_avg_sq, optimizer.moment_generator)
-        if optimizer.value_copy and work is not values:
-            values.copy_(work)
-        # scatter_ with int64 positions is ~1.5x faster on CPU than index_put_ with int32 ones
-        flat.scatter_(0, idx.long(), work.to(flat.dtype))

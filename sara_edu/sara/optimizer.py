@@ -182,8 +182,11 @@ class SaRAAdamW(torch.optim.AdamW):
     * ``compact=True``: all three (``value_copy=False, positions="delta",
       moments="bf16"``) unless given explicitly: ~5.6 bytes per entry.
 
-    Any of them except ``positions`` alone runs AdamW written out
-    (:mod:`sara_edu.sara.compact_step`) instead of stock ``torch.optim.AdamW``.
+    Any of them except ``positions`` alone runs its own AdamW step, one layer
+    at a time (:mod:`sara_edu.sara.compact_step`), instead of stock
+    ``torch.optim.AdamW``, with the same kernel (``fused``: torch's fused
+    kernel by default on CPU and CUDA, else torch's single-tensor formula); with
+    fp32 moments it is bit for bit the exact path with the same ``fused``.
     :func:`~sara_edu.sara.footprint.state_bytes` counts the bytes actually kept.
     """
 
@@ -264,9 +267,7 @@ class SaRAAdamW(torch.optim.AdamW):
         if self.moments != "fp32":  # stochastic rounding, reproducible and resumable
             self.moment_generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
         values = [s.values for s in self.slots]
-        if self._own_step:
-            fused = False  # stock AdamW never runs: compact_adamw_step does
-        elif fused is None:  # fused kernels are the fastest stock AdamW where torch has them
+        if fused is None:  # fused kernels are the fastest AdamW where torch has them (compact_step uses them too)
             fused = all(v.device.type in ("cpu", "cuda") and v.dtype in (torch.float32, torch.float16,
                                                                          torch.bfloat16, torch.float64)
                         for v in values)
@@ -274,6 +275,8 @@ class SaRAAdamW(torch.optim.AdamW):
                          fused=fused or None, foreach=None if (fused or self._own_step) else True)
         if self._own_step:
             init_state(self)  # the moments now, in one go (see compact_step.init_state)
+            # compact_adamw_step reads no grad_scale/found_inf: GradScaler must unscale and skip steps itself
+            self._step_supports_amp_scaling = False
         # the sync object lives on in the weights' hooks: it must not hold the optimizer (nor the model)
         self.sync = GradientSync(self.slots, functools.partial(_fingerprint, self._model_ref, self.slots))
         # Only now touch the model, so a failed construction leaves it as it was.
@@ -396,8 +399,8 @@ class SaRAAdamW(torch.optim.AdamW):
                 for slot in self.slots:
                     if slot.values.grad is not None:  # AdamW left grad-less values (and weights) untouched
                         # scatter_ with int64 positions is ~1.5x faster on CPU than index_put_ with int32
-                        # ones; the int64 copy lives for one layer only.
-                        flat_view(slot.param).scatter_(0, slot.idx.long(), slot.values.detach())
+                        # ones; compact positions decode straight to int64, which lives for one layer only.
+                        flat_view(slot.param).scatter_(0, slot.positions.decode(torch.int64), slot.values.detach())
         self.steps_done += 1
         if self.progressive_iter is not None and self.steps_done == self.progressive_iter:
             self.progressive_adjust()

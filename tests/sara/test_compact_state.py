@@ -1,12 +1,18 @@
 """SaRA's compact state options: no value copy, compact positions, low-precision moments."""
+import sys
+
 import pytest
 import torch
 
 from sara_edu.errors import ConfigError
 from sara_edu.io import load_state, save_state
+from sara_edu.sara import compact_step
 from sara_edu.sara.footprint import state_bytes
 from sara_edu.sara.moments import (
+    _FP8,
     BLOCK,
+    _dequantize,
+    _quantize,
     convert_moments,
     keep_entries,
     load_moments,
@@ -67,6 +73,8 @@ def test_positions_round_trip(kind, numel, density):
     assert enc.count == idx.numel()
     out = enc.decode()
     assert out.dtype == torch.int32 and torch.equal(out, idx)
+    wide = enc.decode(torch.int64)  # straight to int64, as the compact step decodes them
+    assert wide.dtype == torch.int64 and torch.equal(wide, idx.long())
 
 
 def test_delta_positions_cost_about_one_byte_and_escape_long_gaps():
@@ -83,6 +91,12 @@ def test_delta_positions_cost_about_one_byte_and_escape_long_gaps():
     sparse = torch.arange(0, 1_400_000, 70_000, dtype=torch.int32)
     enc = encode_positions(sparse, 1_400_000, "delta")
     assert enc.codes.dtype == torch.int16 and torch.equal(enc.decode(), sparse)
+    # the largest one-byte code without an escape (254, a gap of 255): code + 1 must not wrap in uint8
+    widest = torch.arange(254, 255 * 300, 255, dtype=torch.int32)
+    enc = encode_positions(widest, 255 * 300, "delta")
+    assert enc.escapes == 0 and int(enc.codes.max()) == 254
+    for dtype in (torch.int32, torch.int64):
+        assert torch.equal(enc.decode(dtype), widest.to(dtype))
 
 
 # ----------------------------------------------------------------- moments
@@ -128,10 +142,78 @@ def test_8bit_moments_are_blockwise_and_keep_small_v_nonzero():
     assert moment_kind(state) == "fp32" and "exp_avg_scale" not in state
 
 
+def _awkward_floats(n, seed=0):
+    """Signed values over fp32's whole range, subnormals, zeros and infinities included."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.logspace(-45, 38, n)[torch.randperm(n, generator=g)]
+    x[:10] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.4e38, -3.4e38])
+    return x
+
+
+def _bits(t):
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("n", [3 * 65_536 + 1000, 2 * BLOCK + 100])  # more than one table of random numbers
+def test_the_fast_encodings_equal_the_plain_casts_bit_for_bit(n):
+    """bf16 and float8 moments are written by converting copies and bit views; these are the plain casts."""
+    m, v = _awkward_floats(n), _awkward_floats(n, seed=1).abs()
+    m[BLOCK: 2 * BLOCK] = -0.0  # blocks of zeros: their scale must be +0.0
+    m[n - n % BLOCK:] = -0.0
+    for kind in ("bf16", "8bit"):
+        for fresh in (True, False):  # stored anew, and converted into the tensors of an earlier step
+            state = {}
+            if not fresh:
+                store_moments(state, kind, torch.zeros(n), torch.zeros(n), None)
+            store_moments(state, kind, m, v, torch.Generator().manual_seed(3))
+            gen = torch.Generator().manual_seed(3)
+            if kind == "bf16":  # m to nearest; v: random bits below the kept 16, truncated, then cast
+                want_m = m.to(torch.bfloat16)
+                table = torch.randint(0, 1 << 16, (65_536,), dtype=torch.int32, generator=gen)
+                noisy = v.view(torch.int32) + table.repeat(n // 65_536 + 1)[:n]
+                want_v = noisy.bitwise_and_(-(1 << 16)).view(torch.float32).to(torch.bfloat16)
+            else:  # float8 codes: the plain cast of the scaled (and for v stochastically rounded) values
+                want_m = _quantize(m, None, False)[0].to(_FP8)
+                want_v = _quantize(v, gen, True)[0].to(_FP8)
+                for key, x in (("exp_avg_scale", m), ("exp_avg_sq_scale", v)):  # each block's largest |x|
+                    padded = torch.zeros(-(-n // BLOCK) * BLOCK)
+                    padded[:n] = x.abs()
+                    assert torch.equal(_bits(state[key]), _bits(padded.view(-1, BLOCK).amax(1))), key
+            for key, want in (("exp_avg", want_m), ("exp_avg_sq", want_v)):
+                got = state[key]
+                assert got.dtype == want.dtype and got.is_contiguous() and got.untyped_storage().nbytes() == \
+                    n * got.element_size()
+                assert torch.equal(_bits(got), _bits(want)), (kind, fresh, key)
+
+
+def test_8bit_decoding_equals_the_float8_cast_for_every_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(_FP8)  # 0x7F and 0xFF are NaN: decoded, not produced
+    scales = torch.tensor([3.7])
+    want = codes.float() * (scales / 448.0)
+    assert torch.equal(_bits(_dequantize(codes, scales)), _bits(want))
+    blocks = codes.repeat(3)[:600]  # two full blocks and a tail, each with its scale
+    scales = torch.tensor([1e-30, 2.5, 7e30])
+    want = blocks.float() * torch.repeat_interleave(scales / 448.0, BLOCK)[:600]
+    assert torch.equal(_bits(_dequantize(blocks, scales)), _bits(want))
+    # encoding never produces a NaN code, whatever the values (clamped to +-448 of the block's largest first)
+    x = _awkward_floats(5000)
+    x = x[x.isfinite()]
+    for floor, values in ((False, x), (True, x.abs())):
+        normed, _ = _quantize(values, torch.Generator().manual_seed(0), floor)
+        assert not normed.to(_FP8).float().isnan().any()
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="checks the little-endian layout")
+def test_bf16_is_the_high_half_of_fp32_on_this_machine():
+    x = _awkward_floats(1000)
+    truncated = (x.view(torch.int32) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(_bits(x.view(torch.bfloat16)[1::2]), _bits(truncated))
+
+
 # ----------------------------------------------------------------- the options in the optimizer
 
 
-EXACT_KWARGS = dict(lr=2e-3, fraction=0.1, rank_lambda=1e-2, progressive_iter=3, weight_decay=0.1, fused=False)
+EXACT_KWARGS = dict(lr=2e-3, fraction=0.1, rank_lambda=1e-2, progressive_iter=3, weight_decay=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +240,29 @@ def test_each_option_trains_only_selected_entries_within_its_tolerance(name, exa
     assert opt.churn is not None and opt.churn.iloc[-1].froze > 0
     diff = (w - exact).norm() / (exact - base).norm()
     assert diff <= TOLERANCE[opt.moments], (name, float(diff))
-    if opt.moments == "fp32":  # AdamW written out is torch's formula: bit for bit the exact path
+    if opt.moments == "fp32":  # the compact step runs the exact path's (fused) kernel: bit for bit the same
         assert torch.equal(w, exact) and opt.num_trainable == exact_trainable
 
 
-def test_no_value_copy_matches_the_fused_exact_path_to_rounding():
-    kwargs = dict(lr=1e-3, fraction=0.1, rank_lambda=0, weight_decay=1e-2)
-    a, b = build_unet(SMALL_CONFIG, seed=0), build_unet(SMALL_CONFIG, seed=0)
-    opt_a, opt_b = SaRAAdamW(a, **kwargs), SaRAAdamW(b, value_copy=False, **kwargs)
-    assert opt_a.defaults["fused"] and not opt_b.defaults["fused"]
-    _train_steps(a, opt_a, 1)
-    _train_steps(b, opt_b, 1)
-    torch.testing.assert_close(_flat(b), _flat(a), rtol=0, atol=1e-7)
+@pytest.mark.parametrize("fused", [None, False])  # the default (fused on a CPU) and torch's single-tensor formula
+@pytest.mark.parametrize("chunk", [None, 64])  # layers in one chunk, or cut into many (as big layers are)
+def test_compact_options_with_fp32_moments_equal_the_exact_path_with_the_same_kernel(fused, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(compact_step, "CPU_CHUNK", chunk)
+    kwargs = dict(EXACT_KWARGS, fused=fused)
+    runs = {}
+    for name, options in (("exact", {}), ("no copy", {"value_copy": False}),
+                          ("no copy, delta", {"value_copy": False, "positions": "delta"}),
+                          ("copy, fp32 step written out", {"moments": "fp32", "value_copy": True})):
+        unet = build_unet(SMALL_CONFIG, seed=0)
+        opt = SaRAAdamW(unet, **kwargs, **options)
+        assert bool(opt.defaults["fused"]) == (fused is None)
+        if name == "copy, fp32 step written out":  # the exact configuration, but through the compact step
+            opt._own_step = True
+        _train_steps(unet, opt, 5)
+        runs[name] = _flat(unet)
+    for name, w in runs.items():
+        assert torch.equal(w, runs["exact"]), name
 
 
 @pytest.mark.parametrize("name", ["compact", "compact, 8-bit", "bitmask positions"])
