@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks, in one command for a lent GPU machine (see benchmarks/README.md):
-#   bash benchmarks/gpu_check.sh [OUT_DIR] [SECTIONS]      SECTIONS: any of tests,notebook,bench,phases (default all)
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [SECTIONS]      SECTIONS: any of tests,notebook,phases,bench (default all)
 # 1. tests/cuda (skipped on a machine without CUDA), 2. notebook 05 executed in its full setting,
-# 3. memory_time.py and 4. step_phases.py on the SD-1.5-sized UNet. Wheels in .whl/ (packages the machine
+# 3. step_phases.py and 4. memory_time.py on the SD-1.5-sized UNet. Wheels in .whl/ (packages the machine
 # lacks, e.g. diffusers and the notebook kernel) are installed first into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-/tmp/gpu_check}}
-SECTIONS=${2:-tests,notebook,bench,phases}
+SECTIONS=${2:-tests,notebook,phases,bench}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -40,15 +40,16 @@ finally:
     nbformat.write(nb, f"{sys.argv[1]}/05_executed.ipynb")
 PYEOF
 fi
-if [[ $SECTIONS == *bench* ]]; then
-  timeout 420 $PY benchmarks/memory_time.py --models sd15 --device cuda --steps 10 --rounds 1 \
-    --methods plain,full,sara,sara-compact,sara-compact8,shira,lora4 --once full,shira,lora4 \
-    --out "$OUT_DIR/memory_time_cuda_sd15.csv" > "$OUT_DIR/memory_time.txt" 2>&1
-  tail -30 "$OUT_DIR/memory_time.txt"; lap bench
-fi
 if [[ $SECTIONS == *phases* ]]; then
   timeout 200 $PY benchmarks/step_phases.py --device cuda --batch-sizes 1,8 \
-    --methods plain,full,sara,sara-compact,sara-compact8,lora4 --out "$OUT_DIR/step_phases_cuda.csv" \
+    --methods "${PHASE_METHODS:-plain,full,sara,sara-nonuclear,sara-compact,sara-compact8,lora4}" \
+    --out "$OUT_DIR/step_phases_cuda.csv" \
     > "$OUT_DIR/step_phases.txt" 2>&1
   tail -16 "$OUT_DIR/step_phases.txt"; lap phases
+fi
+if [[ $SECTIONS == *bench* ]]; then
+  timeout 420 $PY benchmarks/memory_time.py --models sd15 --device cuda --steps 10 --rounds 1 \
+    --methods "${BENCH_METHODS:-plain,full,sara,sara-compact,sara-compact8,shira,lora4}" --once full,shira,lora4 \
+    --out "$OUT_DIR/memory_time_cuda_sd15.csv" > "$OUT_DIR/memory_time.txt" 2>&1
+  tail -30 "$OUT_DIR/memory_time.txt"; lap bench
 fi

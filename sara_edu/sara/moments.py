@@ -221,6 +221,66 @@ def _dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return _per_block(values, scales / _FP8_MAX, values)
 
 
+# ----------------------------------------------------------------- several params at once
+
+
+def group_layout(counts, kind: str) -> list[int]:
+    """Each param's room in a buffer shared by several: its count, rounded up to whole blocks for 8 bits
+    (so that every param's blocks start where its own would: blockwise work on the buffer is per param)."""
+    pad = BLOCK if kind == "8bit" else 1
+    return [-(-n // pad) * pad for n in counts]
+
+
+def group_views(buf: torch.Tensor, counts, sizes) -> list[torch.Tensor]:
+    """Each param's entries in a shared buffer laid out by :func:`group_layout` (one split, no copy)."""
+    if list(sizes) == list(counts):
+        return list(buf.split(list(counts)))
+    pieces = [k for n, size in zip(counts, sizes) for k in (n, size - n)]
+    return list(buf.split(pieces))[0::2]
+
+
+def load_moments_group(states, counts, device) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+    """(m, v, m views, v views): several params' moments decoded to fp32 in one buffer each.
+
+    The same numbers as :func:`load_moments` per param, in a few kernels for the
+    whole group instead of a few per param (what costs on a GPU is launching them).
+    """
+    kind = moment_kind(states[0])
+    sizes = group_layout(counts, kind)
+    out = []
+    for key in MOMENT_KEYS:
+        if kind == "8bit":  # the padding's codes are 0: value 0, no effect on a block's largest |value|
+            codes = torch.zeros(sum(sizes), dtype=_FP8, device=device)
+            torch._foreach_copy_(group_views(codes, counts, sizes), [st[key] for st in states])
+            buf = _dequantize(codes, torch.cat([st[f"{key}_scale"] for st in states]))
+        else:
+            buf = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+            torch._foreach_copy_(group_views(buf, counts, sizes), [st[key] for st in states])
+        out.append(buf)
+    m, v = out
+    return m, v, group_views(m, counts, sizes), group_views(v, counts, sizes)
+
+
+def store_moments_group(states, kind: str, m: torch.Tensor, v: torch.Tensor, counts, generator) -> None:
+    """Encode the group buffers of :func:`load_moments_group` back into each param's state (bf16 or 8 bits).
+
+    Per param the same format as :func:`store_moments`; the stochastic rounding
+    draws its random bits for the whole buffer, so they differ from a per-param
+    encoding's (as unbiased, and as reproducible from the optimizer's generator).
+    """
+    sizes = group_layout(counts, kind)
+    if kind == "8bit":
+        for key, x, gen, floor in (("exp_avg", m, None, False), ("exp_avg_sq", v, generator, True)):
+            normed, scales = _quantize(x, gen, floor)  # per block, so per param (blocks aligned)
+            torch._foreach_copy_([st[key] for st in states], group_views(normed, counts, sizes))
+            torch._foreach_copy_([st[f"{key}_scale"] for st in states],
+                                 list(scales.split([size // BLOCK for size in sizes])))
+        return
+    torch._foreach_copy_([st["exp_avg"] for st in states], group_views(m, counts, sizes))
+    torch._foreach_copy_([st["exp_avg_sq"] for st in states],
+                         group_views(_round(v, torch.bfloat16, generator), counts, sizes))
+
+
 # ----------------------------------------------------------------- changing the entries or the format
 
 

@@ -99,7 +99,7 @@ class BitmaskPositions:
     def decode(self, dtype=None) -> torch.Tensor:
         shifts = torch.arange(8, dtype=torch.uint8, device=self.codes.device)
         bits = (self.codes.unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)[: self.numel]
-        return torch.nonzero(bits).view(-1).to(dtype or index_dtype_for(self.numel))  # nonzero gives int64
+        return true_positions(bits, self._count).to(dtype or index_dtype_for(self.numel))
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes]
@@ -146,6 +146,10 @@ class DeltaPositions:
 
     def decode(self, dtype=None) -> torch.Tensor:
         dtype = dtype or index_dtype_for(self.numel)
+        if self.escapes == 0 and self.codes.dtype == torch.uint8 and self.codes.device.type != "cpu":
+            # on a GPU what costs is launching kernels, not passes: three kernels instead of five
+            return torch.cumsum(self.codes, 0, dtype=dtype).add_(
+                torch.arange(self.codes.numel(), dtype=dtype, device=self.codes.device))
         if self.escapes == 0:  # position_i = sum of the first i+1 (code + 1), minus 1: summed in place
             if self.codes.dtype == torch.uint8:  # codes <= 254 (255 escapes): code + 1 fits uint8, widened on write
                 steps = torch.add(self.codes, 1, out=torch.empty(self.codes.shape, dtype=dtype,
@@ -159,13 +163,28 @@ class DeltaPositions:
             codes.bitwise_and_(0xFFFF)
         is_end = codes != self.escape
         step = torch.where(is_end, codes + 1, codes)
-        return torch.cumsum(step, 0, dtype=codes.dtype)[is_end].sub_(1)
+        return torch.cumsum(step, 0, dtype=codes.dtype).index_select(0, true_positions(is_end, self._count)).sub_(1)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes]
 
     def to(self, device):
         return DeltaPositions(self.codes.to(device), self.numel, self._count, self.escapes)
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Where the 1-D ``mask`` is True (int64), knowing that it is True ``count`` times.
+
+    ``torch.nonzero`` must first ask the GPU how many there are, which waits for
+    every kernel queued before it (during the backward pass: the whole pass so
+    far); with the count known, ``nonzero_static`` does not wait.
+    """
+    if mask.device.type != "cpu":
+        try:
+            return torch.nonzero_static(mask, size=count).view(-1)
+        except (NotImplementedError, RuntimeError):  # a device or torch without it: the waiting way
+            pass
+    return torch.nonzero(mask).view(-1)
 
 
 def positions_nbytes(positions) -> int:

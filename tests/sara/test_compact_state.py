@@ -14,11 +14,16 @@ from sara_edu.sara.moments import (
     _dequantize,
     _quantize,
     convert_moments,
+    group_layout,
+    group_views,
+    init_moments,
     keep_entries,
     load_moments,
+    load_moments_group,
     moment_kind,
     moment_tensors,
     store_moments,
+    store_moments_group,
 )
 from sara_edu.sara.optimizer import SaRAAdamW
 from sara_edu.sara.positions import encode_positions
@@ -244,11 +249,20 @@ def test_each_option_trains_only_selected_entries_within_its_tolerance(name, exa
         assert torch.equal(w, exact) and opt.num_trainable == exact_trainable
 
 
+# how many entries make a group of small weights updated together: 0 = none (each weight alone), the
+# default (CPU_CHUNK), or every weight in groups as large as a GPU's
+GROUPINGS = {"no groups": 0, "default groups": None, "GPU-sized groups": 1 << 30}
+
+
 @pytest.mark.parametrize("fused", [None, False])  # the default (fused on a CPU) and torch's single-tensor formula
 @pytest.mark.parametrize("chunk", [None, 64])  # layers in one chunk, or cut into many (as big layers are)
-def test_compact_options_with_fp32_moments_equal_the_exact_path_with_the_same_kernel(fused, chunk, monkeypatch):
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
+def test_compact_options_with_fp32_moments_equal_the_exact_path_with_the_same_kernel(fused, chunk, grouping,
+                                                                                     monkeypatch):
     if chunk:
         monkeypatch.setattr(compact_step, "CPU_CHUNK", chunk)
+    if GROUPINGS[grouping] is not None:
+        monkeypatch.setitem(compact_step.GROUP_ENTRIES, "cpu", GROUPINGS[grouping])
     kwargs = dict(EXACT_KWARGS, fused=fused)
     runs = {}
     for name, options in (("exact", {}), ("no copy", {"value_copy": False}),
@@ -263,6 +277,50 @@ def test_compact_options_with_fp32_moments_equal_the_exact_path_with_the_same_ke
         runs[name] = _flat(unet)
     for name, w in runs.items():
         assert torch.equal(w, runs["exact"]), name
+
+
+@pytest.mark.parametrize("kind", ["bf16", "8bit"])
+def test_a_group_of_params_encodes_its_moments_as_each_param_alone_would(kind):
+    """Nearest rounding: the same stored bits, blocks included, whether params are encoded together or alone."""
+    g = torch.Generator().manual_seed(3)
+    counts = [5, BLOCK, 3 * BLOCK + 17, 1]  # tails of every length: the padding keeps each param's blocks its own
+    ms = [torch.randn(n, generator=g) * 10.0 ** -torch.randint(1, 6, (1,), generator=g).item() for n in counts]
+    vs = [m.square() for m in ms]
+    alone = [{} for _ in counts]
+    for st, m, v in zip(alone, ms, vs):
+        store_moments(st, kind, m, v, None)
+    together = [{} for _ in counts]
+    for st, n in zip(together, counts):
+        init_moments(st, n, kind, "cpu")
+    sizes = group_layout(counts, kind)
+    m_buf, v_buf = torch.zeros(sum(sizes)), torch.zeros(sum(sizes))
+    for buf, xs in ((m_buf, ms), (v_buf, vs)):
+        for view, x in zip(group_views(buf, counts, sizes), xs):
+            view.copy_(x)
+    store_moments_group(together, kind, m_buf, v_buf, counts, None)
+    for a, b in zip(alone, together):
+        assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+                                            if a[k].dtype == torch.float8_e4m3fn else torch.equal(a[k], b[k])
+                                            for k in a)
+    m2, v2, m_views, v_views = load_moments_group(together, counts, "cpu")
+    for st, m_i, v_i in zip(alone, m_views, v_views):
+        m_ref, v_ref = load_moments(st)
+        assert torch.equal(m_i, m_ref) and torch.equal(v_i, v_ref)
+
+
+@pytest.mark.parametrize("name", ["compact", "compact, 8-bit"])
+def test_grouped_small_weights_train_as_the_ungrouped_ones_within_rounding(name, monkeypatch):
+    runs = {}
+    for grouping in ("no groups", "GPU-sized groups"):
+        monkeypatch.setitem(compact_step.GROUP_ENTRIES, "cpu", GROUPINGS[grouping])
+        unet = build_unet(SMALL_CONFIG, seed=0)
+        opt = SaRAAdamW(unet, **EXACT_KWARGS, **VARIANTS[name])
+        _train_steps(unet, opt, 6)
+        runs[grouping] = _flat(unet)
+    base = _flat(build_unet(SMALL_CONFIG, seed=0))
+    diff = (runs["GPU-sized groups"] - runs["no groups"]).norm() / (runs["no groups"] - base).norm()
+    # at most the stochastic rounding's random bits differ (drawn for a group, not per weight)
+    assert diff <= TOLERANCE[VARIANTS[name].get("moments", "bf16")], float(diff)
 
 
 @pytest.mark.parametrize("name", ["compact", "compact, 8-bit", "bitmask positions"])
@@ -280,8 +338,11 @@ def test_save_and_load_through_the_sparse_file(name, tmp_path):
     assert torch.equal(_flat(fresh), _flat(unet))
 
 
+@pytest.mark.parametrize("grouping", ["default groups", "GPU-sized groups"])
 @pytest.mark.parametrize("name", ["no value copy", "compact", "compact, 8-bit", "bitmask positions"])
-def test_resume_through_state_dict_is_exact(name, tmp_path):
+def test_resume_through_state_dict_is_exact(name, grouping, tmp_path, monkeypatch):
+    if GROUPINGS[grouping] is not None:
+        monkeypatch.setitem(compact_step.GROUP_ENTRIES, "cpu", GROUPINGS[grouping])
     kwargs = dict(lr=3e-3, threshold=3e-3, rank_lambda=1e-2, progressive_iter=3, seed=4, **VARIANTS[name])
     a = build_unet(SMALL_CONFIG, seed=0)
     opt_a = SaRAAdamW(a, **kwargs)
