@@ -24,7 +24,7 @@ PY=python3
 t0=$(date +%s)
 lap() { echo "== $1 done at +$(( $(date +%s) - t0 )) s"; }
 if [[ $SECTIONS == *tests* ]]; then
-  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/cuda --junitxml="$OUT_DIR/cuda_tests.xml" 2>&1 \
+  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/cuda 2>&1 \
     | tail -40 > "$OUT_DIR/cuda_tests.txt"; tail -5 "$OUT_DIR/cuda_tests.txt"; lap tests
 fi
 if [[ $SECTIONS == *notebook* ]]; then
