@@ -33,7 +33,8 @@ def nuclear_norm_grad(delta: torch.Tensor, method: str = "gram") -> tuple[torch.
     2-10x faster than a full SVD on a CPU for SD-sized weights. Squaring
     loses half the digits, so directions with ``σ < sqrt(eps)·σ_max`` are
     treated as exactly zero, for which 0 is a valid subgradient (as for an
-    all-zero delta at the first step).
+    all-zero delta at the first step). Where the eigensolver fails to converge
+    (cuSOLVER can, on a nearly all-zero Gram matrix), it falls back to the SVD.
     """
     work = delta.to(torch.float32) if delta.dtype in (torch.float16, torch.bfloat16) else delta
     if method == "svd":
@@ -45,7 +46,12 @@ def nuclear_norm_grad(delta: torch.Tensor, method: str = "gram") -> tuple[torch.
         raise ConfigError(f"nuclear method must be 'gram' or 'svd', got {method!r}")
     tall = work.shape[0] >= work.shape[1]
     A = work if tall else work.T
-    evals, V = torch.linalg.eigh(A.T @ A)
+    try:
+        evals, V = torch.linalg.eigh(A.T @ A)
+    except torch.linalg.LinAlgError:
+        # cuSOLVER's eigensolver can fail to converge on such a Gram matrix: seen on an H100 early in a run,
+        # when ΔW⊙M is tiny and mostly zero (benchmarks/results/gpu_h100/). The SVD gives the same quantity.
+        return nuclear_norm_grad(delta, "svd")
     sigma = evals.clamp_min(0).sqrt()
     smax = sigma.max() if sigma.numel() else sigma.new_zeros(())
     keep = sigma > smax * math.sqrt(torch.finfo(work.dtype).eps)
