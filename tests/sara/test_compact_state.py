@@ -244,7 +244,7 @@ def test_each_option_trains_only_selected_entries_within_its_tolerance(name, exa
         assert torch.equal(w, exact) and opt.num_trainable == exact_trainable
 
 
-@pytest.mark.parametrize("fused", [None, False])  # the default (fused on a CPU), and torch's foreach formula
+@pytest.mark.parametrize("fused", [None, False])  # the default (fused on a CPU) and torch's single-tensor formula
 @pytest.mark.parametrize("chunk", [None, 64])  # layers in one chunk, or cut into many (as big layers are)
 def test_compact_options_with_fp32_moments_equal_the_exact_path_with_the_same_kernel(fused, chunk, monkeypatch):
     if chunk:
