@@ -267,11 +267,11 @@ def test_compact_options_with_fp32_moments_equal_the_exact_path_with_the_same_ke
     runs = {}
     for name, options in (("exact", {}), ("no copy", {"value_copy": False}),
                           ("no copy, delta", {"value_copy": False, "positions": "delta"}),
-                          ("copy, fp32 step written out", {"moments": "fp32", "value_copy": True})):
+                          ("copy, through the compact step", {"moments": "fp32", "value_copy": True})):
         unet = build_unet(SMALL_CONFIG, seed=0)
         opt = SaRAAdamW(unet, **kwargs, **options)
         assert bool(opt.defaults["fused"]) == (fused is None)
-        if name == "copy, fp32 step written out":  # the exact configuration, but through the compact step
+        if name == "copy, through the compact step":  # the exact options, but the compact step
             opt._own_step = True
         _train_steps(unet, opt, 5)
         runs[name] = _flat(unet)
