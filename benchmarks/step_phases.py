@@ -52,18 +52,14 @@ def main(argv=None):
     noise_sched = DDPMScheduler.from_config(SD15_NOISE)
     side = 64 if cuda else 32
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
-    base = sd15_unet()
-    state = {k: v.clone() for k, v in base.state_dict().items()}
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         g = torch.Generator().manual_seed(0)
         x0 = torch.randn(batch, 4, side, side, generator=g).to(device)
         cond = torch.randn(batch, 77, 768, generator=g).to(device)
         runs = {}
-        for key in keys:  # each method its own copy of the same weights
-            unet = sd15_unet()
-            unet.load_state_dict(state)
-            unet.to(device).train()
+        for key in keys:  # each method its own copy of the same weights (sd15_unet() loads the same file)
+            unet = sd15_unet().to(device).train()
             method, _ = METHODS[key][1](unet)
             opt = method.build_optimizer(unet, lr=1e-5, weight_decay=1e-2, total_steps=1000)
             params = [p for grp in opt.param_groups for p in grp["params"]]
