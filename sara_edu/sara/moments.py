@@ -32,7 +32,7 @@ fp32 bit pattern (a view); both are bit for bit the plain casts.
 Measured effect (``benchmarks/compact_state.py``: course model, cyberpunk
 style, 200 steps, lr 1e-3, SaRA 10%, same seed and batches as the exact path):
 after the run the weights' update differs from the exact path's by 1.1% (bf16)
-and 7.6% (8 bits) in norm; the FID analogue is 146.9 and 146.6 against 147.0,
+and 7.6% (8 bits) in norm; the FID analogue is 146.9 and 147.4 against 147.0,
 prompt agreement 0.870 for all three, the final loss equal to 4 digits. The
 exact path with another seed differs by 69% (FID 115.0): the rounding is far
 below run-to-run variation.
