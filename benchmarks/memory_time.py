@@ -565,6 +565,11 @@ def benchmark_model(model, keys, steps, rounds, device, timeout, once=frozenset(
 
 
 # ----------------------------------------------------------------- targets
+def measured_on_gpu(table: pd.DataFrame) -> bool:
+    """Whether a results table comes from CUDA runs (they carry the allocator's reserved peak)."""
+    return GPU_RESERVED in table and table[GPU_RESERVED].notna().any()
+
+
 def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | None, str]]:
     """The claims on the SD1.5-sized UNet as (what, PASS/FAIL or None for a measured-only line, value)."""
     t = table[table.model == model].set_index("key")
@@ -580,8 +585,7 @@ def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | N
             compact = key.startswith("sara-compact") or key == "sara-linear-compact"
             results.append((f"{key}: persistent state per trained entry" + (" <= 8 B" if compact else ""),
                             (b <= 8) if compact else None, f"{b:.2f} B"))
-    on_gpu = GPU_RESERVED in t and t[GPU_RESERVED].notna().any()
-    views = (((GPU_RESERVED, "peak GPU memory", "CUDA allocator reserved"),) if on_gpu else
+    views = (((GPU_RESERVED, "peak GPU memory", "CUDA allocator reserved"),) if measured_on_gpu(t) else
              (("peak RSS above loaded model (MB)", "peak RSS", "glibc default"),
               ("peak RSS above loaded model, fixed mmap threshold (MB)", "peak RSS", "fixed mmap threshold")))
     for column, what, how in views:
@@ -616,8 +620,7 @@ def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | N
 
 def markdown_table(table: pd.DataFrame) -> str:
     """The README's table: one row per (model, method), the columns the targets are about."""
-    on_gpu = GPU_RESERVED in table and table[GPU_RESERVED].notna().any()
-    timing = ("median step wall (s)", "wall s/step", "{:.3g}") if on_gpu else ("median step CPU (s)", "CPU s/step", "{:.3g}")
+    timing = ("median step wall (s)", "wall s/step", "{:.3g}") if measured_on_gpu(table) else ("median step CPU (s)", "CPU s/step", "{:.3g}")
     cols = [("model", "model", "{}"), ("method", "method", "{}"), ("trainable parameters", "trainable", "{:,.0f}"),
             ("state per trained entry (B)", "state B/entry", "{:.2f}"),
             ("tracker peak above frozen (MB)", "tracker peak MB", "{:,.0f}"),

@@ -4,17 +4,16 @@ and write them back into every weight, whatever the optimizer does in between.
     python benchmarks/step_floor.py            # SD-1.5-sized UNet, 10% (about 1 min on a CPU)
 
 At 10% density the trained entries sit in nearly every cache line of a weight, so the gather reads
-the whole gradient and the write-back reads and writes the whole weight. Both are timed alone here
-(process CPU time on a CPU, synchronised wall time on CUDA, median of 3 after a warm-up). The floor is
+the whole gradient and the write-back reads and writes the whole weight. Both are timed alone here with
+the course's fair timing (``compare_step_times``: interleaved, process CPU time on a CPU, synchronised
+wall time on CUDA, median of 3 after a warm-up). The floor is
 compared with the plain forward+backward step of ``results/memory_time_<device>_sd15.csv``: the result is
 the smallest ``x plain`` ratio any implementation of SaRA could reach there.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from memory_time import _theta_10, sd15_unet  # noqa: E402
 
+from sara_edu.measure.timing import compare_step_times  # noqa: E402
 from sara_edu.training.loop import pick_device  # noqa: E402
 
 
@@ -37,8 +37,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     cuda = device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     unet = sd15_unet().to(device)
     theta = _theta_10(unet)
     weights = [p.detach() for p in unet.parameters()]
@@ -54,19 +52,9 @@ def main(argv=None):
         for w, i, v in zip(weights, positions, values):
             w.reshape(-1).scatter_(0, i, v)
 
-    rows = []
-    for name, fn in (("gather the trained entries of every weight gradient", gather),
-                     ("write them back into every weight", write_back)):
-        fn()
-        times = []
-        for _ in range(3):
-            sync()
-            t0 = clock()
-            fn()
-            sync()
-            times.append(clock() - t0)
-        rows.append({"what": name, "seconds": statistics.median(times)})
-    table = pd.DataFrame(rows)
+    table = compare_step_times({"gather the trained entries of every weight gradient": gather,
+                                "write them back into every weight": write_back}, repeats=3, warmup=1)
+    table = table.rename_axis("what").reset_index()[["what", "seconds"]]
     floor = float(table.seconds.sum())
     reference = Path(args.reference) if args.reference else (
         ROOT / "benchmarks" / "results" / f"memory_time_{device.type}_sd15.csv")

@@ -94,14 +94,16 @@ def _new_state(state: dict, group: dict, n: int, kind: str, device) -> None:
     init_moments(state, n, kind, device)
 
 
-def _adamw_(param, grad, exp_avg, exp_avg_sq, step: torch.Tensor, group: dict) -> None:
-    """One AdamW update in place with the kernel the exact path would use (``step`` already counted)."""
+def _adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
+    """AdamW in place on lists of tensors with the kernel the exact path would use (``steps`` already counted):
+    the fused kernel in its multi-tensor form, or torch's single-tensor formula on each."""
     beta1, beta2 = group["betas"]
     if group["fused"]:  # as torch.optim.adam._fused_adam calls it
-        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=group["lr"], beta1=beta1,
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1,
                             beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                             maximize=False)
-    else:
+        return
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         adamw_math_(param, grad, exp_avg, exp_avg_sq, float(step), float(group["lr"]), beta1, beta2, group["eps"],
                     group["weight_decay"])
 
@@ -168,7 +170,7 @@ def compact_adamw_step(optimizer) -> None:
                 work = values[part].float()  # a view of the copy, updated in place, when fp32
             else:
                 work = flat.index_select(0, idx[part]).float()
-            _adamw_(work, grad[part], exp_avg[part], exp_avg_sq[part], state["step"], group)
+            _adamw_([work], [grad[part]], [exp_avg[part]], [exp_avg_sq[part]], [state["step"]], group)
             if optimizer.value_copy and values.dtype != torch.float32:
                 values[part] = work
             flat.scatter_(0, idx[part], work.to(flat.dtype))
@@ -212,13 +214,7 @@ def _step_group(optimizer, slots, group) -> None:
         m, v, ms, vs = load_moments_group(states, counts, device)
     steps = [st["step"] for st in states]
     torch._foreach_add_(steps, 1)  # as torch's _fused_adamw: the kernel does not count
-    if group["fused"]:
-        beta1, beta2 = group["betas"]
-        torch._fused_adamw_(works, grads, ms, vs, [], steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                            weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
-    else:
-        for work, grad, m_i, v_i, step in zip(works, grads, ms, vs, steps):
-            _adamw_(work, grad, m_i, v_i, step, group)
+    _adamw_(works, grads, ms, vs, steps, group)
     if optimizer.moments != "fp32":
         store_moments_group(states, optimizer.moments, m, v, counts, optimizer.moment_generator)
     for flat, idx, work in zip(flats, idxs, works):
