@@ -52,6 +52,9 @@ def main(argv=None):
     noise_sched = DDPMScheduler.from_config(SD15_NOISE)
     side = 64 if cuda else 32
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in METHODS]
+    if unknown or not keys:
+        raise SystemExit(f"--methods: unknown method(s) {unknown or args.methods!r}; choose among {', '.join(METHODS)}")
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         g = torch.Generator().manual_seed(0)
