@@ -1,5 +1,21 @@
-import pytest
-import torch
+"""Shared fixtures, and one thread per test process.
+
+Why one thread: with torch's default of one OpenMP thread per core, every test process, notebook kernel and
+subprocess spins its threads while other processes hold the cores, and a suite that costs 8.8 CPU-min on a quiet
+2-core box cost 29.9 CPU-min at load ~10. Set before torch is imported, the variables also reach everything the
+tests start (kernels, torchrun ranks, the README's blocks), which inherit this environment; parallelism comes from
+processes instead (pytest-xdist's ``-n``, see pyproject.toml). Set ``SARA_EDU_TEST_THREADS`` to use more.
+"""
+import os
+
+TEST_THREADS = os.environ.get("SARA_EDU_TEST_THREADS", "1")
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = TEST_THREADS
+
+import pytest  # noqa: E402 - after the thread settings, which must precede torch's OpenMP start-up
+import torch  # noqa: E402
+
+torch.set_num_threads(int(TEST_THREADS))
 
 from sara_edu.world.model import TinyDiffusion, build_unet
 from sara_edu.world.text import TinyTextEncoder

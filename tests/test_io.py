@@ -66,13 +66,31 @@ def test_metadata_written_by_diffusers_or_transformers_is_read_as_text(tmp_path)
     assert torch.equal(tensors["a"], torch.ones(2)) and meta["format"] == "pt"
 
 
-def _stale(path, age_s=3600.0, name="abcd1234"):
-    """A temporary file as a killed save of ``path`` leaves it, last written ``age_s`` ago."""
+# How long this test process has been running when a stale-temporary test starts: just started, or hours into a
+# slow suite (CI on a busy machine). The ages below count from the process start that sara_edu.io actually uses,
+# not from now: a test that planted "an hour old" files failed once the suite had run for more than an hour.
+PROCESS_AGES_S = [0.0, 5 * 3600.0]
+
+
+@pytest.fixture(params=PROCESS_AGES_S, ids=["process just started", "process running for 5 h"])
+def process_start(request, monkeypatch):
+    """The start time of this process as sara_edu.io sees it, ``request.param`` seconds before now."""
     import time
 
+    import sara_edu.io as sio
+
+    start = time.time() - request.param
+    monkeypatch.setattr(sio, "_PROCESS_START", start)
+    return start
+
+
+def _stale(path, process_start, before_start_s=3600.0, name="abcd1234"):
+    """A temporary file as a killed save of ``path`` leaves it, last written ``before_start_s`` before this process
+    started (negative: after it started, as a live save in another process would)."""
     tmp = path.parent / f".{path.name}.{name}.tmp"
     tmp.write_bytes(b"\0" * 1000)
-    os.utime(tmp, (time.time() - age_s, time.time() - age_s))
+    mtime = process_start - before_start_s
+    os.utime(tmp, (mtime, mtime))
     return tmp
 
 
@@ -111,14 +129,14 @@ def test_a_save_killed_with_sigkill_is_cleaned_up_by_the_next_save(tmp_path):
     assert torch.equal(load_tensors(path)[0]["a"], torch.zeros(3))
 
 
-def test_stale_temporaries_are_removed_only_when_surely_dead_and_only_for_that_path(tmp_path):
+def test_stale_temporaries_are_removed_only_when_surely_dead_and_only_for_that_path(tmp_path, process_start):
     import fcntl
 
     path = tmp_path / "w.safetensors"
-    stale = _stale(path)
-    locked = _stale(path, name="lock_123")
-    recent = _stale(path, age_s=-5, name="new45678")  # written after this process started
-    others = [_stale(tmp_path / "other.safetensors"), _stale(path, name="short"),
+    stale = _stale(path, process_start)
+    locked = _stale(path, process_start, name="lock_123")
+    recent = _stale(path, process_start, before_start_s=-5, name="new45678")  # written after this process started
+    others = [_stale(tmp_path / "other.safetensors", process_start), _stale(path, process_start, name="short"),
               tmp_path / "w.safetensors.abcd1234.tmp"]
     others[-1].write_bytes(b"x")
     with open(locked, "rb") as f:
@@ -130,9 +148,7 @@ def test_stale_temporaries_are_removed_only_when_surely_dead_and_only_for_that_p
     assert not locked.exists() and recent.exists() and all(o.exists() for o in others)
 
 
-def test_a_live_save_keeps_its_temporary_file_even_if_it_looks_old(tmp_path):
-    import time
-
+def test_a_live_save_keeps_its_temporary_file_even_if_it_looks_old(tmp_path, process_start):
     from sara_edu.io import atomic_write_bytes, remove_stale_temporaries
 
     path = tmp_path / "w.bin"
@@ -141,7 +157,8 @@ def test_a_live_save_keeps_its_temporary_file_even_if_it_looks_old(tmp_path):
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(b"data")
-        os.utime(tmp, (time.time() - 3600, time.time() - 3600))  # as if written before this process started
+        old = process_start - 3600
+        os.utime(tmp, (old, old))  # as if written before this process started: only the lock protects it
         removed.extend(remove_stale_temporaries(path))  # another process cleaning up meanwhile
 
     atomic_write_bytes(path, write)

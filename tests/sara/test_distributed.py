@@ -28,7 +28,7 @@ def _env():
     return env
 
 
-def _run(cmd, timeout=150):
+def _run(cmd, timeout=1800):  # a ceiling against a hang only: busy machines are slow
     out = subprocess.run([str(c) for c in cmd], env=_env(), capture_output=True, text=True, timeout=timeout,
                          check=False)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{(out.stdout + out.stderr)[-4000:]}"

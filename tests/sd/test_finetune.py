@@ -35,7 +35,8 @@ def _finetune(root, out, *args, processes=2):
     cmd = [*launcher, "-m", "sara_edu.sd.finetune", "--model", str(root / "model"), "--data", str(root / "data"),
            "--out", str(out), "--steps", "4", "--batch-size", "4", "--gradient-accumulation-steps", "2",
            "--threshold", "0.02", "--validation-prompt", PROMPT, "--validation-steps", "2", "--no-progress", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,  # a ceiling against a hang only
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "run.json").read_text())
 

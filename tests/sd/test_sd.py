@@ -162,8 +162,13 @@ def test_load_local_folder_round_trip(sd_pipe, tmp_path, no_network):
     assert half.unet.dtype == torch.float32
 
 
-def test_load_errors_are_clear_and_fast(tmp_path, no_network, sd_pipe):
-    start = time.perf_counter()
+def test_load_errors_are_clear_and_never_wait(tmp_path, no_network, sd_pipe, monkeypatch):
+    """Each failure is reported at once: no network (``no_network``) and no retry loop that sleeps before giving up.
+
+    Checked by what the loader does, not by a stopwatch: a wall-time bound fails on a busy machine.
+    """
+    waits = []
+    monkeypatch.setattr(time, "sleep", lambda seconds: waits.append(seconds))
     with pytest.raises(CheckpointError, match="hf download"):
         load_stable_diffusion(tmp_path / "nowhere", local_files_only=True)
     (tmp_path / "half").mkdir()
@@ -177,7 +182,7 @@ def test_load_errors_are_clear_and_fast(tmp_path, no_network, sd_pipe):
     next((folder / "unet").glob("*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="could not load"):
         load_stable_diffusion(folder, local_files_only=True)
-    assert time.perf_counter() - start < 20
+    assert waits == [], f"the loader slept {waits} s before reporting the error (a retry loop?)"
 
 
 def test_half_precision_frozen_parts_with_float32_unet(sd_pipe, style_folder):

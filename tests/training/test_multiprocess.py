@@ -28,7 +28,7 @@ def _run(out: Path, *args, processes: int = 1) -> list[dict]:
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
         f"--master_port={_free_port()}"]
     done = subprocess.run([*launcher, str(SCRIPT), "--out", str(out), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=1800, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # hang ceiling
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) | {"weights": load_tensors(out / f"rank{r}.safetensors")[0]}
             for r in range(processes)]
