@@ -48,7 +48,8 @@ field() { grep -F "$1" "$log" | head -n1 | awk -F': ' '{print $2}'; }
 user=$(field "User time (seconds)") sys=$(field "System time (seconds)") wall=$(field "Elapsed (wall clock) time")
 maxrss=$(field "Maximum resident set size (kbytes)")
 cpu_min=$(python3 -c "print(f'{($user + $sys) / 60:.1f}')")
-summary=$(grep -E '^=+ .*(passed|failed|error).* =+$' "$work/test.log" | tail -n1 | tr -d '=' | sed 's/^ *//;s/ *$//')
+summary=$( (grep -E '^=+ .*(passed|failed|error).* =+$' "$work/test.log" || echo "no summary: the run was stopped") \
+          | tail -n1 | tr -d '=' | sed 's/^ *//;s/ *$//')
 printf 'commit %s, load %s busy processes (loadavg %s -> %s), pytest args "%s"\n' "$sha" "$load" "$start_load" "$end_load" "$pytest_args"
 printf 'wall %s, user %ss, system %ss, CPU %s min, max RSS %s kB, exit %s\n' "$wall" "$user" "$sys" "$cpu_min" "$maxrss" "$status"
 printf 'pytest: %s\n' "$summary"
