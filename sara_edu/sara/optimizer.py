@@ -134,6 +134,15 @@ def _check_number(name, value, *, low=None, low_inclusive=True, allow_none=False
         raise ConfigError(f"{name} must be {kind}{bound}, got {value!r}")
 
 
+def _check_betas(betas) -> None:
+    # torch would fail later with an IndexError (one number) or train with a nonsense average (beta >= 1)
+    ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    if not ok:
+        raise ConfigError(f"betas must be two numbers in [0, 1) (the moments' decay rates, e.g. (0.9, 0.999)), "
+                          f"got {betas!r}")
+
+
 class SaRAAdamW(torch.optim.AdamW):
     """AdamW that trains only the small-|w| entries of ``model``, SaRA-style.
 
@@ -204,6 +213,8 @@ class SaRAAdamW(torch.optim.AdamW):
             threshold = 2e-3  # the authors' θ for Stable Diffusion 1.5
         _check_number("lr", lr, low=0, low_inclusive=False)
         _check_number("weight_decay", weight_decay, low=0)
+        _check_number("eps", eps, low=0, low_inclusive=False)
+        _check_betas(betas)
         _check_number("rank_lambda", rank_lambda, low=0)
         _check_number("nuclear_every", nuclear_every, low=1, integer=True)
         _check_number("nuclear_max_numel", nuclear_max_numel, low=1, integer=True, allow_none=True)

@@ -379,6 +379,9 @@ def test_state_dict_resumes_exactly(tmp_path):
     ({"threshold": 1e-3, "fraction": 0.1}, "not both"), ({"threshold": -2e-3}, "positive"),
     ({"fraction": 1.2}, "between 0 and 1"), ({"progressive_iter": 10, "total_steps": 10}, "beyond the run"),
     ({"progressive_iter": 0}, "progressive_iter"), ({"weight_decay": -1}, "weight_decay"),
+    ({"betas": (0.9,)}, r"betas must be two numbers in \[0, 1\).*\(0\.9,\)"), ({"betas": (0.9, 1.0)}, "betas"),
+    ({"betas": 0.9}, "betas"), ({"betas": (0.9, "0.999")}, "betas"), ({"betas": (-0.1, 0.999)}, "betas"),
+    ({"eps": 0}, "eps must be a finite number > 0"), ({"eps": -1e-8}, "eps"), ({"eps": float("nan")}, "eps"),
 ])
 def test_bad_optimizer_arguments(kwargs, msg):
     unet = build_unet(seed=0)
