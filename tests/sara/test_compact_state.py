@@ -404,6 +404,30 @@ def test_state_bytes_are_counted_from_the_tensors():
     assert state_bytes(with_nuclear)["initial"] == 4 * two_d > 0
 
 
+def test_state_bytes_per_entry_after_progressive_adjustment_counts_only_the_entries_still_training():
+    """Frozen entries keep only their positions: counted apart, not against the entries that still train."""
+    unet = build_unet(SMALL_CONFIG, seed=0)
+    opt = SaRAAdamW(unet, lr=3e-3, threshold=3e-3, rank_lambda=0, weight_decay=0.0, progressive_iter=3)
+    _train_steps(unet, opt, 3)  # lr ~ θ: many entries cross θ and freeze, others train on
+    b = state_bytes(opt)
+    frozen = int(opt.churn.iloc[-1].froze)
+    assert frozen > 0 and b["frozen entries"] == frozen
+    assert b["trained entries"] == opt.num_trainable == opt.selection.total_selected - frozen
+    assert b["frozen positions"] == 4 * frozen  # int32 positions, nothing else
+    per_entry = sum(b[part] for part in ("values", "positions", "moments", "initial"))
+    assert b["total"] == per_entry + b["frozen positions"]
+    assert b["bytes per entry"] == per_entry / b["trained entries"]
+    # as before adjustment: 4 value + 8 moments + 4 position, plus a 4-byte step counter per weight
+    assert 16 <= b["bytes per entry"] <= 16 + 4 * len(opt.slots) / b["trained entries"]
+
+
+def test_state_bytes_of_something_else_than_the_optimizer_is_a_clear_error():
+    unet = build_unet(SMALL_CONFIG, seed=0)
+    SaRAAdamW(unet, fraction=0.1)
+    with pytest.raises(ConfigError, match="state_bytes needs the SaRAAdamW optimizer.*got a UNet2DConditionModel"):
+        state_bytes(unet)
+
+
 @pytest.mark.parametrize("kwargs, msg", [
     ({"positions": "csr"}, "positions must be one of"), ({"moments": "fp8"}, "moments must be one of"),
     ({"value_copy": "no"}, "value_copy"), ({"compact": 1}, "compact"),
