@@ -91,6 +91,7 @@ class _Slot:
     initial: torch.Tensor | None  # base values at idx (for ΔW of the nuclear norm); None if not a 2-D weight
     frozen: list = field(default_factory=list)  # encoded positions that trained, then froze (progressive)
     handle: object = None  # the grad hook's removable handle
+    version: int = -1  # the weight's in-place write counter when the values were last in step with it
     payload: torch.Tensor | None = None  # the values' grad the hook put on param.grad (a SelectedGrad)
 
     @property
@@ -289,6 +290,7 @@ class SaRAAdamW(torch.optim.AdamW):
             init_state(self)  # the moments now, in one go (see compact_step.init_state)
             # compact_adamw_step reads no grad_scale/found_inf: GradScaler must unscale and skip steps itself
             self._step_supports_amp_scaling = False
+        self._note_versions()
         # the sync object lives on in the weights' hooks: it must not hold the optimizer (nor the model)
         self.sync = GradientSync(self.slots, functools.partial(_fingerprint, self._model_ref, self.slots))
         # Only now touch the model, so a failed construction leaves it as it was.
@@ -365,6 +367,7 @@ class SaRAAdamW(torch.optim.AdamW):
 
     def _delta(self, slot: _Slot) -> torch.Tensor:
         """ΔW⊙M as a dense matrix (one layer, transient)."""
+        self._follow_weights([slot])
         d = torch.zeros(slot.param.numel(), dtype=slot.values.dtype, device=slot.values.device)
         d[slot.idx] = current_values(slot, self.value_copy) - slot.initial
         return d.view(slot.param.shape)
@@ -400,6 +403,7 @@ class SaRAAdamW(torch.optim.AdamW):
                 loss = closure()
         self.sync.finish()  # the last backward passes ran inside no_sync(): average them now
         self._collect_grads()
+        self._follow_weights()
         with torch.no_grad():
             if self.rank_lambda > 0 and self.steps_done % self.nuclear_every == 0:
                 self._add_nuclear_grad()
@@ -411,6 +415,7 @@ class SaRAAdamW(torch.optim.AdamW):
                 for slot in self.slots:
                     if slot.values.grad is not None:  # AdamW left grad-less values (and weights) untouched
                         write_values(flat_view(slot.param), slot.positions, slot.values.detach())
+        self._note_versions()
         self.steps_done += 1
         if self.progressive_iter is not None and self.steps_done == self.progressive_iter:
             self.progressive_adjust()
@@ -418,8 +423,32 @@ class SaRAAdamW(torch.optim.AdamW):
 
     def progressive_adjust(self):
         """Run progressive adjustment now (see :func:`~sara_edu.sara.progressive.progressive_adjust`)."""
+        self._follow_weights()
         self.churn = progressive_adjust(self)
         return self.churn
+
+    # ---------------------------------------------------------------- the weights are the truth
+    def _follow_weights(self, slots=None) -> None:
+        """Re-gather the value copy of every weight written since SaRA last wrote it.
+
+        The exact path trains a copy of the selected values and writes it into
+        the weight after each step; a write by anyone else (``model.load_state_dict``
+        after attaching, e.g. to resume, or any in-place change) would be
+        overwritten at the next step. Every in-place write bumps a tensor's
+        ``_version``: where it moved since SaRA's own write, the weight wins.
+        """
+        if not self.value_copy:  # nothing to follow: the values live only in the weight
+            return
+        with torch.no_grad():
+            for slot in self.slots if slots is None else slots:
+                if slot.count and slot.param._version != slot.version:
+                    slot.values.copy_(flat_view(slot.param).index_select(0, slot.idx))
+                    slot.version = slot.param._version
+
+    def _note_versions(self) -> None:
+        """After SaRA's own write into the weights: the copy and the weights agree."""
+        for slot in self.slots:
+            slot.version = slot.param._version
 
     # ---------------------------------------------------------------- reporting
     @property
@@ -442,13 +471,22 @@ class SaRAAdamW(torch.optim.AdamW):
             "idx": [s.idx.cpu() for s in self.slots],
             "frozen": [[f.decode().cpu() for f in s.frozen] for s in self.slots],
             "initial": [None if s.initial is None else s.initial.cpu() for s in self.slots],
+            # θ per weight: a new optimizer computes it from the weights it is given, which are the trained
+            # ones when resuming, and a fraction's quantile moves with them (progressive adjustment uses θ)
+            "thresholds": [s.threshold for s in self.slots],
+            "selection_extra": dict(self.selection.extra),
             "steps_done": self.steps_done, "rng": self._rng.getstate(),
             "moment_rng": None if self.moment_generator is None else self.moment_generator.get_state(),
         }
         return sd
 
     def load_state_dict(self, state_dict):
-        """Resume: restores the masks (which the trained weights no longer imply) and the moments."""
+        """Resume: restores the masks and thresholds (which the trained weights no longer imply) and the moments.
+
+        The values are taken from the weights as they are now, and followed
+        if the weights are written later: any order of loading the model's
+        and the optimizer's state resumes exactly.
+        """
         state_dict = dict(state_dict)
         sara = state_dict.pop("sara", None)
         if sara is None:
@@ -456,9 +494,16 @@ class SaRAAdamW(torch.optim.AdamW):
         if sara["names"] != [s.name for s in self.slots]:
             raise CheckpointError("this SaRA optimizer state belongs to a model with other weights "
                                   "(the considered parameter names differ)")
+        thresholds = sara.get("thresholds")  # absent from checkpoints saved before θ was stored
+        if thresholds is not None and len(thresholds) != len(self.slots):
+            raise CheckpointError(f"this SaRA optimizer state holds {len(thresholds)} thresholds for "
+                                  f"{len(self.slots)} weights: it is damaged")
         with torch.no_grad():
-            for slot, idx, frozen, initial in zip(self.slots, sara["idx"], sara["frozen"], sara["initial"]):
+            for i, (slot, idx, frozen, initial) in enumerate(zip(self.slots, sara["idx"], sara["frozen"],
+                                                                 sara["initial"])):
                 dev = slot.param.device
+                if thresholds is not None:
+                    slot.threshold = float(thresholds[i])
                 slot.idx = idx.to(dev)
                 slot.frozen = [encode_positions(f.to(dev), slot.param.numel(), self.positions) for f in frozen]
                 self._clear_grad(slot)
@@ -472,6 +517,11 @@ class SaRAAdamW(torch.optim.AdamW):
                     self._hook(slot)
                 else:
                     slot.param.requires_grad_(False)
+        self._note_versions()
+        # the selection is the restored one: every position that trained, each weight's θ
+        self.selection = replace(self.selection, indices=_TrainedPositions(self.slots),
+                                 thresholds={s.name: s.threshold for s in self.slots},
+                                 extra=dict(sara.get("selection_extra", self.selection.extra)))
         if self._ddp is not None:
             self._ddp.keep_anchor()  # the loop above may have frozen it
         self.steps_done = sara["steps_done"]
