@@ -288,8 +288,11 @@ class SaRAAdamW(torch.optim.AdamW):
                          fused=fused or None, foreach=None if (fused or self._own_step) else True)
         if self._own_step:
             init_state(self)  # the moments now, in one go (see compact_step.init_state)
-            # compact_adamw_step reads no grad_scale/found_inf: GradScaler must unscale and skip steps itself
-            self._step_supports_amp_scaling = False
+        # GradScaler must unscale the gradients and skip a step with inf/NaN itself, before step() runs: the
+        # fused kernel would unscale only inside the update, after step() added the (unscaled) nuclear-norm
+        # gradient, and a skipped step would still draw the nuclear term's weight and count towards
+        # progressive_iter (compact_adamw_step reads no grad_scale/found_inf at all)
+        self._step_supports_amp_scaling = False
         self._note_versions()
         # the sync object lives on in the weights' hooks: it must not hold the optimizer (nor the model)
         self.sync = GradientSync(self.slots, functools.partial(_fingerprint, self._model_ref, self.slots))

@@ -87,6 +87,39 @@ def test_tiny_max_norm_changes_the_weights_and_clip_value_works():
     assert max(float(s.values.grad.abs().max()) for s in opt.slots if s.idx.numel()) <= 1e-6
 
 
+@pytest.mark.parametrize("unscale", [False, True])
+@pytest.mark.parametrize("options", [{}, {"compact": True}])
+def test_grad_scaler_with_or_without_unscale_and_with_a_skipped_step_equals_the_unscaled_run(options, unscale):
+    """The nuclear-norm gradient (λ = 1 here) is added to unscaled gradients; a step with inf is skipped whole."""
+    def run(scaled):
+        unet = build_unet(SMALL_CONFIG, seed=0)
+        opt = SaRAAdamW(unet, lr=1e-3, fraction=0.1, rank_lambda=1.0, progressive_iter=4, **options)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if scaled else None
+        taken = 0
+        for i in range(6):
+            loss = _loss(unet, _batch(seed=i))
+            if not scaled:
+                if i != 2:  # the step the scaled run skips
+                    loss.backward()
+                    opt.step()
+                    taken += 1
+            else:
+                if i == 2:
+                    loss = loss * float("inf")  # an overflow: GradScaler must skip this step
+                scaler.scale(loss).backward()
+                if unscale:
+                    scaler.unscale_(opt)
+                before = opt.steps_done
+                scaler.step(opt)
+                scaler.update()
+                taken += opt.steps_done - before
+            opt.zero_grad()
+        assert taken == opt.steps_done == 5 and opt.churn is not None
+        return torch.cat([p.detach().reshape(-1) for p in unet.parameters()])
+
+    assert torch.equal(run(scaled=True), run(scaled=False))
+
+
 def test_selected_grad_is_clear_about_what_it_is_and_refuses_other_ops(pair):
     unet, _, opt = pair
     _loss(unet, _batch(torch.float64)).backward()
