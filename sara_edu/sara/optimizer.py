@@ -167,12 +167,31 @@ class SaRAAdamW(torch.optim.AdamW):
     SaRA trains and ``model.zero_grad()`` clears it, like ``zero_grad()`` here.
     On several processes SaRA averages them itself; ``no_sync()`` marks the
     backward passes that only accumulate (see :mod:`sara_edu.sara.distributed`).
+    With ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` unscales them
+    (unless ``scaler.unscale_(optimizer)`` already did) and skips a step with
+    inf/NaN before ``step()`` runs: the nuclear-norm term sees unscaled
+    gradients, and a skipped step counts nowhere (``progressive_iter``, the
+    nuclear term's choice).
+
+    Clipping bounds the loss gradient only: the nuclear-norm gradient
+    ``λ·U·Vᵀ`` (at the mask) is added inside ``step()``, after
+    ``clip_grad_norm_`` and after unscaling, and is not clipped. Like AdamW's
+    decoupled weight decay it is the optimizer's own regulariser, and it is
+    bounded by λ alone (no entry exceeds λ: ``U·Vᵀ`` has spectral norm 1).
 
     ``rank_lambda``: nuclear-norm weight λ (0 disables it); applied to one
     randomly chosen eligible 2-D weight every ``nuclear_every`` steps (seeded
     by ``seed``). Eligible: 2-D weights with selected entries and at most
     ``nuclear_max_numel`` entries (None = no limit). ``progressive_iter``: the
     step after which progressive adjustment runs (None = never).
+
+    Resuming: ``state_dict()`` holds the masks, each weight's θ, the
+    starting values of the nuclear-norm term, the moments and the random
+    states. A new ``SaRAAdamW`` with the same arguments and ``load_state_dict``
+    resume exactly whether the model's trained weights are loaded before the
+    optimizer is created, after it, or after its ``load_state_dict``: the
+    value copy follows any write into a weight made after SaRA's own (see
+    ``_follow_weights``).
 
     Optimizer state at progressive adjustment: the moments (and step count) of
     the continuing entries are kept, those of frozen entries are dropped, so
