@@ -91,7 +91,7 @@ class _Slot:
     initial: torch.Tensor | None  # base values at idx (for ΔW of the nuclear norm); None if not a 2-D weight
     frozen: list = field(default_factory=list)  # encoded positions that trained, then froze (progressive)
     handle: object = None  # the grad hook's removable handle
-    version: int = -1  # the weight's in-place write counter when the values were last in step with it
+    version: tuple = ()  # _write_mark of the weight when the values were last in step with it
     payload: torch.Tensor | None = None  # the values' grad the hook put on param.grad (a SelectedGrad)
 
     @property
@@ -457,20 +457,23 @@ class SaRAAdamW(torch.optim.AdamW):
         the weight after each step; a write by anyone else (``model.load_state_dict``
         after attaching, e.g. to resume, or any in-place change) would be
         overwritten at the next step. Every in-place write bumps a tensor's
-        ``_version``: where it moved since SaRA's own write, the weight wins.
+        ``_version`` (and ``p.data = t`` moves its storage): where either moved
+        since SaRA's own write, the weight wins. A write through ``p.data``
+        (``p.data.copy_(t)``) bypasses the counter and is not seen: write under
+        ``torch.no_grad()`` instead, as ``load_state_dict`` does.
         """
         if not self.value_copy:  # nothing to follow: the values live only in the weight
             return
         with torch.no_grad():
             for slot in self.slots if slots is None else slots:
-                if slot.count and slot.param._version != slot.version:
+                if slot.count and _write_mark(slot.param) != slot.version:
                     slot.values.copy_(flat_view(slot.param).index_select(0, slot.idx))
-                    slot.version = slot.param._version
+                    slot.version = _write_mark(slot.param)
 
     def _note_versions(self) -> None:
         """After SaRA's own write into the weights: the copy and the weights agree."""
         for slot in self.slots:
-            slot.version = slot.param._version
+            slot.version = _write_mark(slot.param)
 
     # ---------------------------------------------------------------- reporting
     @property
@@ -622,6 +625,11 @@ class _TrainedPositions(Mapping):
 
     def __len__(self):
         return len(self._slots)
+
+
+def _write_mark(p: torch.Tensor) -> tuple:
+    """What changes when a weight is written: its in-place write counter, and its storage if ``.data`` was set."""
+    return p._version, p.data_ptr()
 
 
 def _fingerprint(model_ref, slots) -> torch.Tensor:

@@ -405,14 +405,18 @@ def test_plain_pytorch_resume_with_a_fraction_in_any_order_equals_the_uninterrup
     assert opt_b.report().equals(opt_a.report())
 
 
-def test_weights_written_after_attaching_are_trained_from_not_overwritten():
-    """Any in-place write into a trained weight between steps is what the next step starts from."""
+@pytest.mark.parametrize("how", ["in place", "new .data"])
+def test_weights_written_after_attaching_are_trained_from_not_overwritten(how):
+    """A write into a trained weight between steps is what the next step starts from."""
     unet = build_unet(SMALL_CONFIG, seed=0)
     opt = SaRAAdamW(unet, lr=1e-3, fraction=0.1, rank_lambda=0)
     _train_steps(unet, opt, 1)
     slot = max(opt.slots, key=lambda s: s.count)
-    with torch.no_grad():
-        slot.param.zero_()
+    if how == "in place":
+        with torch.no_grad():
+            slot.param.zero_()
+    else:
+        slot.param.data = torch.zeros_like(slot.param)
     _train_steps(unet, opt, 1, seed=1)
     moved = slot.param.detach().reshape(-1)[slot.idx.long()]
     assert moved.abs().max() <= 1.01e-3  # one AdamW step of lr from zero, not the old values plus a step
