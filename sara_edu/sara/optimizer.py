@@ -91,6 +91,7 @@ class _Slot:
     initial: torch.Tensor | None  # base values at idx (for ΔW of the nuclear norm); None if not a 2-D weight
     frozen: list = field(default_factory=list)  # encoded positions that trained, then froze (progressive)
     handle: object = None  # the grad hook's removable handle
+    version: tuple = ()  # _write_mark of the weight when the values were last in step with it
     payload: torch.Tensor | None = None  # the values' grad the hook put on param.grad (a SelectedGrad)
 
     @property
@@ -134,6 +135,15 @@ def _check_number(name, value, *, low=None, low_inclusive=True, allow_none=False
         raise ConfigError(f"{name} must be {kind}{bound}, got {value!r}")
 
 
+def _check_betas(betas) -> None:
+    # torch would fail later with an IndexError (one number) or train with a nonsense average (beta >= 1)
+    ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    if not ok:
+        raise ConfigError(f"betas must be two numbers in [0, 1) (the moments' decay rates, e.g. (0.9, 0.999)), "
+                          f"got {betas!r}")
+
+
 class SaRAAdamW(torch.optim.AdamW):
     """AdamW that trains only the small-|w| entries of ``model``, SaRA-style.
 
@@ -157,12 +167,31 @@ class SaRAAdamW(torch.optim.AdamW):
     SaRA trains and ``model.zero_grad()`` clears it, like ``zero_grad()`` here.
     On several processes SaRA averages them itself; ``no_sync()`` marks the
     backward passes that only accumulate (see :mod:`sara_edu.sara.distributed`).
+    With ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` unscales them
+    (unless ``scaler.unscale_(optimizer)`` already did) and skips a step with
+    inf/NaN before ``step()`` runs: the nuclear-norm term sees unscaled
+    gradients, and a skipped step counts nowhere (``progressive_iter``, the
+    nuclear term's choice).
+
+    Clipping bounds the loss gradient only: the nuclear-norm gradient
+    ``λ·U·Vᵀ`` (at the mask) is added inside ``step()``, after
+    ``clip_grad_norm_`` and after unscaling, and is not clipped. Like AdamW's
+    decoupled weight decay it is the optimizer's own regulariser, and it is
+    bounded by λ alone (no entry exceeds λ: ``U·Vᵀ`` has spectral norm 1).
 
     ``rank_lambda``: nuclear-norm weight λ (0 disables it); applied to one
     randomly chosen eligible 2-D weight every ``nuclear_every`` steps (seeded
     by ``seed``). Eligible: 2-D weights with selected entries and at most
     ``nuclear_max_numel`` entries (None = no limit). ``progressive_iter``: the
     step after which progressive adjustment runs (None = never).
+
+    Resuming: ``state_dict()`` holds the masks, each weight's θ, the
+    starting values of the nuclear-norm term, the moments and the random
+    states. A new ``SaRAAdamW`` with the same arguments and ``load_state_dict``
+    resume exactly whether the model's trained weights are loaded before the
+    optimizer is created, after it, or after its ``load_state_dict``: the
+    value copy follows any write into a weight made after SaRA's own (see
+    ``_follow_weights``).
 
     Optimizer state at progressive adjustment: the moments (and step count) of
     the continuing entries are kept, those of frozen entries are dropped, so
@@ -204,6 +233,8 @@ class SaRAAdamW(torch.optim.AdamW):
             threshold = 2e-3  # the authors' θ for Stable Diffusion 1.5
         _check_number("lr", lr, low=0, low_inclusive=False)
         _check_number("weight_decay", weight_decay, low=0)
+        _check_number("eps", eps, low=0, low_inclusive=False)
+        _check_betas(betas)
         _check_number("rank_lambda", rank_lambda, low=0)
         _check_number("nuclear_every", nuclear_every, low=1, integer=True)
         _check_number("nuclear_max_numel", nuclear_max_numel, low=1, integer=True, allow_none=True)
@@ -276,8 +307,12 @@ class SaRAAdamW(torch.optim.AdamW):
                          fused=fused or None, foreach=None if (fused or self._own_step) else True)
         if self._own_step:
             init_state(self)  # the moments now, in one go (see compact_step.init_state)
-            # compact_adamw_step reads no grad_scale/found_inf: GradScaler must unscale and skip steps itself
-            self._step_supports_amp_scaling = False
+        # GradScaler must unscale the gradients and skip a step with inf/NaN itself, before step() runs: the
+        # fused kernel would unscale only inside the update, after step() added the (unscaled) nuclear-norm
+        # gradient, and a skipped step would still draw the nuclear term's weight and count towards
+        # progressive_iter (compact_adamw_step reads no grad_scale/found_inf at all)
+        self._step_supports_amp_scaling = False
+        self._note_versions()
         # the sync object lives on in the weights' hooks: it must not hold the optimizer (nor the model)
         self.sync = GradientSync(self.slots, functools.partial(_fingerprint, self._model_ref, self.slots))
         # Only now touch the model, so a failed construction leaves it as it was.
@@ -354,6 +389,7 @@ class SaRAAdamW(torch.optim.AdamW):
 
     def _delta(self, slot: _Slot) -> torch.Tensor:
         """ΔW⊙M as a dense matrix (one layer, transient)."""
+        self._follow_weights([slot])
         d = torch.zeros(slot.param.numel(), dtype=slot.values.dtype, device=slot.values.device)
         d[slot.idx] = current_values(slot, self.value_copy) - slot.initial
         return d.view(slot.param.shape)
@@ -389,6 +425,7 @@ class SaRAAdamW(torch.optim.AdamW):
                 loss = closure()
         self.sync.finish()  # the last backward passes ran inside no_sync(): average them now
         self._collect_grads()
+        self._follow_weights()
         with torch.no_grad():
             if self.rank_lambda > 0 and self.steps_done % self.nuclear_every == 0:
                 self._add_nuclear_grad()
@@ -400,6 +437,7 @@ class SaRAAdamW(torch.optim.AdamW):
                 for slot in self.slots:
                     if slot.values.grad is not None:  # AdamW left grad-less values (and weights) untouched
                         write_values(flat_view(slot.param), slot.positions, slot.values.detach())
+        self._note_versions()
         self.steps_done += 1
         if self.progressive_iter is not None and self.steps_done == self.progressive_iter:
             self.progressive_adjust()
@@ -407,8 +445,35 @@ class SaRAAdamW(torch.optim.AdamW):
 
     def progressive_adjust(self):
         """Run progressive adjustment now (see :func:`~sara_edu.sara.progressive.progressive_adjust`)."""
+        self._follow_weights()
         self.churn = progressive_adjust(self)
         return self.churn
+
+    # ---------------------------------------------------------------- the weights are the truth
+    def _follow_weights(self, slots=None) -> None:
+        """Re-gather the value copy of every weight written since SaRA last wrote it.
+
+        The exact path trains a copy of the selected values and writes it into
+        the weight after each step; a write by anyone else (``model.load_state_dict``
+        after attaching, e.g. to resume, or any in-place change) would be
+        overwritten at the next step. Every in-place write bumps a tensor's
+        ``_version`` (and ``p.data = t`` moves its storage): where either moved
+        since SaRA's own write, the weight wins. A write through ``p.data``
+        (``p.data.copy_(t)``) bypasses the counter and is not seen: write under
+        ``torch.no_grad()`` instead, as ``load_state_dict`` does.
+        """
+        if not self.value_copy:  # nothing to follow: the values live only in the weight
+            return
+        with torch.no_grad():
+            for slot in self.slots if slots is None else slots:
+                if slot.count and _write_mark(slot.param) != slot.version:
+                    slot.values.copy_(flat_view(slot.param).index_select(0, slot.idx))
+                    slot.version = _write_mark(slot.param)
+
+    def _note_versions(self) -> None:
+        """After SaRA's own write into the weights: the copy and the weights agree."""
+        for slot in self.slots:
+            slot.version = _write_mark(slot.param)
 
     # ---------------------------------------------------------------- reporting
     @property
@@ -431,13 +496,22 @@ class SaRAAdamW(torch.optim.AdamW):
             "idx": [s.idx.cpu() for s in self.slots],
             "frozen": [[f.decode().cpu() for f in s.frozen] for s in self.slots],
             "initial": [None if s.initial is None else s.initial.cpu() for s in self.slots],
+            # θ per weight: a new optimizer computes it from the weights it is given, which are the trained
+            # ones when resuming, and a fraction's quantile moves with them (progressive adjustment uses θ)
+            "thresholds": [s.threshold for s in self.slots],
+            "selection_extra": dict(self.selection.extra),
             "steps_done": self.steps_done, "rng": self._rng.getstate(),
             "moment_rng": None if self.moment_generator is None else self.moment_generator.get_state(),
         }
         return sd
 
     def load_state_dict(self, state_dict):
-        """Resume: restores the masks (which the trained weights no longer imply) and the moments."""
+        """Resume: restores the masks and thresholds (which the trained weights no longer imply) and the moments.
+
+        The values are taken from the weights as they are now, and followed
+        if the weights are written later: any order of loading the model's
+        and the optimizer's state resumes exactly.
+        """
         state_dict = dict(state_dict)
         sara = state_dict.pop("sara", None)
         if sara is None:
@@ -445,9 +519,16 @@ class SaRAAdamW(torch.optim.AdamW):
         if sara["names"] != [s.name for s in self.slots]:
             raise CheckpointError("this SaRA optimizer state belongs to a model with other weights "
                                   "(the considered parameter names differ)")
+        thresholds = sara.get("thresholds")  # absent from checkpoints saved before θ was stored
+        if thresholds is not None and len(thresholds) != len(self.slots):
+            raise CheckpointError(f"this SaRA optimizer state holds {len(thresholds)} thresholds for "
+                                  f"{len(self.slots)} weights: it is damaged")
         with torch.no_grad():
-            for slot, idx, frozen, initial in zip(self.slots, sara["idx"], sara["frozen"], sara["initial"]):
+            for i, (slot, idx, frozen, initial) in enumerate(zip(self.slots, sara["idx"], sara["frozen"],
+                                                                 sara["initial"])):
                 dev = slot.param.device
+                if thresholds is not None:
+                    slot.threshold = float(thresholds[i])
                 slot.idx = idx.to(dev)
                 slot.frozen = [encode_positions(f.to(dev), slot.param.numel(), self.positions) for f in frozen]
                 self._clear_grad(slot)
@@ -461,6 +542,11 @@ class SaRAAdamW(torch.optim.AdamW):
                     self._hook(slot)
                 else:
                     slot.param.requires_grad_(False)
+        self._note_versions()
+        # the selection is the restored one: every position that trained, each weight's θ
+        self.selection = replace(self.selection, indices=_TrainedPositions(self.slots),
+                                 thresholds={s.name: s.threshold for s in self.slots},
+                                 extra=dict(sara.get("selection_extra", self.selection.extra)))
         if self._ddp is not None:
             self._ddp.keep_anchor()  # the loop above may have frozen it
         self.steps_done = sara["steps_done"]
@@ -539,6 +625,11 @@ class _TrainedPositions(Mapping):
 
     def __len__(self):
         return len(self._slots)
+
+
+def _write_mark(p: torch.Tensor) -> tuple:
+    """What changes when a weight is written: its in-place write counter, and its storage if ``.data`` was set."""
+    return p._version, p.data_ptr()
 
 
 def _fingerprint(model_ref, slots) -> torch.Tensor:

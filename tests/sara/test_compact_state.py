@@ -366,6 +366,65 @@ def test_resume_through_state_dict_is_exact(name, grouping, tmp_path, monkeypatc
     assert torch.equal(_flat(a), _flat(b))
 
 
+RESUME_ORDERS = ["weights, new optimizer, its state", "optimizer on the base, weights, its state",
+                 "optimizer on the base, its state, weights"]
+
+
+@pytest.mark.parametrize("order", RESUME_ORDERS)
+@pytest.mark.parametrize("name", ["exact", "compact", "compact, 8-bit"])
+def test_plain_pytorch_resume_with_a_fraction_in_any_order_equals_the_uninterrupted_run(name, order, tmp_path):
+    """θ of a fraction is the trained weights' quantile on a new optimizer: the checkpoint's θ must win (it
+    decides what freezes at progressive_iter, after the checkpoint); weights loaded after the optimizer's
+    state must not be overwritten by the values the optimizer gathered before."""
+    kwargs = dict(lr=3e-3, fraction=0.1, rank_lambda=1e-2, progressive_iter=4, seed=4, **VARIANTS.get(name, {}))
+    a = build_unet(SMALL_CONFIG, seed=0)
+    opt_a = SaRAAdamW(a, **kwargs)
+    _train_steps(a, opt_a, 2)
+    save_state({"weights": a.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "ckpt.safetensors")
+    _train_steps(a, opt_a, 4, seed=2)
+
+    ckpt = load_state(tmp_path / "ckpt.safetensors")
+    b = build_unet(SMALL_CONFIG, seed=0)
+    if order == "weights, new optimizer, its state":
+        b.load_state_dict(ckpt["weights"])
+        opt_b = SaRAAdamW(b, **kwargs)
+        assert opt_b.selection.extra["global_threshold"] != opt_a.selection.extra["global_threshold"]
+        opt_b.load_state_dict(ckpt["opt"])
+    elif order == "optimizer on the base, weights, its state":
+        opt_b = SaRAAdamW(b, **kwargs)
+        b.load_state_dict(ckpt["weights"])
+        opt_b.load_state_dict(ckpt["opt"])
+    else:
+        opt_b = SaRAAdamW(b, **kwargs)
+        opt_b.load_state_dict(ckpt["opt"])
+        b.load_state_dict(ckpt["weights"])
+    assert opt_b.report().equals(opt_a.report().assign(trainable=opt_b.report().trainable))
+    _train_steps(b, opt_b, 4, seed=2)
+    assert opt_b.churn.equals(opt_a.churn)
+    assert torch.equal(_flat(a), _flat(b))
+    assert opt_b.report().equals(opt_a.report())
+
+
+@pytest.mark.parametrize("how", ["in place", "new .data"])
+def test_weights_written_after_attaching_are_trained_from_not_overwritten(how):
+    """A write into a trained weight between steps is what the next step starts from."""
+    unet = build_unet(SMALL_CONFIG, seed=0)
+    opt = SaRAAdamW(unet, lr=1e-3, fraction=0.1, rank_lambda=0)
+    _train_steps(unet, opt, 1)
+    slot = max(opt.slots, key=lambda s: s.count)
+    if how == "in place":
+        with torch.no_grad():
+            slot.param.zero_()
+    else:
+        slot.param.data = torch.zeros_like(slot.param)
+    _train_steps(unet, opt, 1, seed=1)
+    moved = slot.param.detach().reshape(-1)[slot.idx.long()]
+    assert moved.abs().max() <= 1.01e-3  # one AdamW step of lr from zero, not the old values plus a step
+    rest = torch.ones(slot.param.numel(), dtype=torch.bool)
+    rest[slot.idx.long()] = False
+    assert not slot.param.detach().reshape(-1)[rest].any()
+
+
 def test_resume_across_formats_converts_the_moments():
     kwargs = dict(lr=3e-3, fraction=0.1, rank_lambda=0)
     a = build_unet(SMALL_CONFIG, seed=0)
@@ -402,6 +461,30 @@ def test_state_bytes_are_counted_from_the_tensors():
     with_nuclear = SaRAAdamW(build_unet(SMALL_CONFIG, seed=1), fraction=0.1, rank_lambda=1e-3)
     two_d = sum(s.count for s in with_nuclear.slots if s.param.ndim == 2)
     assert state_bytes(with_nuclear)["initial"] == 4 * two_d > 0
+
+
+def test_state_bytes_per_entry_after_progressive_adjustment_counts_only_the_entries_still_training():
+    """Frozen entries keep only their positions: counted apart, not against the entries that still train."""
+    unet = build_unet(SMALL_CONFIG, seed=0)
+    opt = SaRAAdamW(unet, lr=3e-3, threshold=3e-3, rank_lambda=0, weight_decay=0.0, progressive_iter=3)
+    _train_steps(unet, opt, 3)  # lr ~ θ: many entries cross θ and freeze, others train on
+    b = state_bytes(opt)
+    frozen = int(opt.churn.iloc[-1].froze)
+    assert frozen > 0 and b["frozen entries"] == frozen
+    assert b["trained entries"] == opt.num_trainable == opt.selection.total_selected - frozen
+    assert b["frozen positions"] == 4 * frozen  # int32 positions, nothing else
+    per_entry = sum(b[part] for part in ("values", "positions", "moments", "initial"))
+    assert b["total"] == per_entry + b["frozen positions"]
+    assert b["bytes per entry"] == per_entry / b["trained entries"]
+    # as before adjustment: 4 value + 8 moments + 4 position, plus a 4-byte step counter per weight
+    assert 16 <= b["bytes per entry"] <= 16 + 4 * len(opt.slots) / b["trained entries"]
+
+
+def test_state_bytes_of_something_else_than_the_optimizer_is_a_clear_error():
+    unet = build_unet(SMALL_CONFIG, seed=0)
+    SaRAAdamW(unet, fraction=0.1)
+    with pytest.raises(ConfigError, match="state_bytes needs the SaRAAdamW optimizer.*got a UNet2DConditionModel"):
+        state_bytes(unet)
 
 
 @pytest.mark.parametrize("kwargs, msg", [

@@ -10,6 +10,7 @@ from torch import nn
 from sara_edu.errors import ConfigError
 from sara_edu.sara import SaRAAdamW
 from sara_edu.sara.grad import SelectedGrad
+from sara_edu.sara.nuclear import nuclear_norm_grad
 from sara_edu.sara.selection import select_parameters
 from sara_edu.training.selective import MaskedAdamW, SelectiveFineTuning
 from sara_edu.world.model import TINY_UNET_CONFIG, build_unet
@@ -85,6 +86,61 @@ def test_tiny_max_norm_changes_the_weights_and_clip_value_works():
     _loss(unet, _batch()).backward()
     torch.nn.utils.clip_grad_value_(unet.parameters(), 1e-6)
     assert max(float(s.values.grad.abs().max()) for s in opt.slots if s.idx.numel()) <= 1e-6
+
+
+def test_the_nuclear_norm_gradient_is_added_after_clipping_and_not_clipped():
+    """As documented: clip_grad_norm_ bounds the loss gradient; step() then adds λ·U·Vᵀ at the mask, unclipped."""
+    unet = build_unet(SMALL_CONFIG, seed=0).double()
+    opt = SaRAAdamW(unet, lr=1e-3, fraction=0.1, rank_lambda=1e-3)
+    for step in range(2):  # ΔW ≠ 0, so the nuclear-norm gradient is not zero
+        _loss(unet, _batch(torch.float64, seed=step)).backward()
+        opt.step()
+        opt.zero_grad()
+    _loss(unet, _batch(torch.float64, seed=2)).backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1e-9)
+    clipped = {s.name: s.values.grad.clone() for s in opt.slots if s.count}
+    nuclear = {s.name: nuclear_norm_grad(opt._delta(s))[0].reshape(-1)[s.idx.long()]
+               for s in opt.eligible_for_nuclear()}
+    opt.step()
+    name = opt.last_nuclear["name"]
+    slot = next(s for s in opt.slots if s.name == name)
+    added = slot.values.grad - clipped[name]  # step() adds into the gradient the loop sees
+    torch.testing.assert_close(added, 1e-3 * nuclear[name], rtol=1e-12, atol=1e-18)
+    assert float(torch.linalg.vector_norm(slot.values.grad)) > 1e3 * 1e-9  # far beyond the clipped norm
+    assert all(torch.equal(s.values.grad, clipped[s.name]) for s in opt.slots if s.count and s.name != name)
+
+
+@pytest.mark.parametrize("unscale", [False, True])
+@pytest.mark.parametrize("options", [{}, {"compact": True}])
+def test_grad_scaler_with_or_without_unscale_and_with_a_skipped_step_equals_the_unscaled_run(options, unscale):
+    """The nuclear-norm gradient (λ = 1 here) is added to unscaled gradients; a step with inf is skipped whole."""
+    def run(scaled):
+        unet = build_unet(SMALL_CONFIG, seed=0)
+        opt = SaRAAdamW(unet, lr=1e-3, fraction=0.1, rank_lambda=1.0, progressive_iter=4, **options)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if scaled else None
+        taken = 0
+        for i in range(6):
+            loss = _loss(unet, _batch(seed=i))
+            if not scaled:
+                if i != 2:  # the step the scaled run skips
+                    loss.backward()
+                    opt.step()
+                    taken += 1
+            else:
+                if i == 2:
+                    loss = loss * float("inf")  # an overflow: GradScaler must skip this step
+                scaler.scale(loss).backward()
+                if unscale:
+                    scaler.unscale_(opt)
+                before = opt.steps_done
+                scaler.step(opt)
+                scaler.update()
+                taken += opt.steps_done - before
+            opt.zero_grad()
+        assert taken == opt.steps_done == 5 and opt.churn is not None
+        return torch.cat([p.detach().reshape(-1) for p in unet.parameters()])
+
+    assert torch.equal(run(scaled=True), run(scaled=False))
 
 
 def test_selected_grad_is_clear_about_what_it_is_and_refuses_other_ops(pair):

@@ -207,6 +207,22 @@ def test_nuclear_gradient_matches_autograd(shape, method):
     assert v0 == 0 and not G0.any()
 
 
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_default_nuclear_gradient_keeps_small_singular_values_of_float32_matrices(shape):
+    """σ from σ_max down to 1e-6·σ_max: every direction counts (a Gram matrix in float32 dropped σ < 3.5e-4·σ_max)."""
+    g = torch.Generator().manual_seed(3)
+    k = min(shape)
+    U = torch.linalg.qr(torch.randn(shape[0], k, dtype=torch.float64, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(shape[1], k, dtype=torch.float64, generator=g))[0]
+    D = ((U * torch.logspace(0, -6, k, dtype=torch.float64)) @ V.T).float()
+    reference = D.double().requires_grad_(True)  # autograd of the float32 matrix's nuclear norm, in float64
+    torch.linalg.matrix_norm(reference, "nuc").backward()
+    G, value = nuclear_norm_grad(D)
+    assert G.dtype == torch.float32
+    assert float((G.double() - reference.grad).norm() / reference.grad.norm()) < 1e-4
+    assert value == pytest.approx(torch.linalg.matrix_norm(D.double(), "nuc").item(), rel=1e-6)
+
+
 def test_nuclear_gradient_falls_back_to_the_svd_where_the_eigensolver_fails(monkeypatch):
     """cuSOLVER's eigh failed to converge on an H100 early in a run (ΔW tiny and mostly zero): a step must not."""
     D = torch.zeros(40, 12)
@@ -379,6 +395,9 @@ def test_state_dict_resumes_exactly(tmp_path):
     ({"threshold": 1e-3, "fraction": 0.1}, "not both"), ({"threshold": -2e-3}, "positive"),
     ({"fraction": 1.2}, "between 0 and 1"), ({"progressive_iter": 10, "total_steps": 10}, "beyond the run"),
     ({"progressive_iter": 0}, "progressive_iter"), ({"weight_decay": -1}, "weight_decay"),
+    ({"betas": (0.9,)}, r"betas must be two numbers in \[0, 1\).*\(0\.9,\)"), ({"betas": (0.9, 1.0)}, "betas"),
+    ({"betas": 0.9}, "betas"), ({"betas": (0.9, "0.999")}, "betas"), ({"betas": (-0.1, 0.999)}, "betas"),
+    ({"eps": 0}, "eps must be a finite number > 0"), ({"eps": -1e-8}, "eps"), ({"eps": float("nan")}, "eps"),
 ])
 def test_bad_optimizer_arguments(kwargs, msg):
     unet = build_unet(seed=0)
