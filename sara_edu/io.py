@@ -15,6 +15,8 @@ as earlier versions wrote them, are cleaned the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -64,6 +66,47 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
         if fd is not None:
             os.close(fd)
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """``with atomic_folder(path) as tmp:`` fill the folder ``tmp``; on success it becomes ``path``.
+
+    ``tmp`` is a private, locked temporary folder beside ``path`` (cleaned like
+    :func:`atomic_write_bytes`'s when a run is killed), so ``path`` appears
+    complete or not at all; an older folder at ``path`` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fd = None
+    if fcntl is not None:
+        fd = os.open(folder, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    old = None
+    try:
+        yield folder
+        os.chmod(folder, 0o755)  # mkdtemp makes 0700 folders
+        if path.exists():  # moved aside under a temporary's name, so a kill here leaves nothing half-written
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(folder, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
