@@ -44,6 +44,7 @@ def save_checkpoint(root, *, step: int, method, unet, optimizer, scheduler, batc
         (tmp / MARKER).write_text(json.dumps(info))
     if keep is not None:
         for old in checkpoints(root)[:-keep]:
+            (old / MARKER).unlink()  # first: a deletion cut short leaves an incomplete folder, never a "complete" one
             for f in old.iterdir():
                 f.unlink()
             old.rmdir()

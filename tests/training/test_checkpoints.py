@@ -74,6 +74,8 @@ def test_resume_without_a_checkpoint_and_a_new_run_over_old_checkpoints_are_refu
         _run(copy.deepcopy(base), folder, resume=True, stop_after=1)
     with pytest.raises(ConfigError, match="keep_checkpoints must be a positive integer"):
         _run(copy.deepcopy(base), tmp_path / "k", checkpoint_every=2, keep_checkpoints=0)
+    with pytest.raises(ConfigError, match=r"stop_after must be a positive integer \(steps to run\) or None, got 0"):
+        _run(copy.deepcopy(base), tmp_path / "k", stop_after=0)
 
 
 def test_a_damaged_checkpoint_file_is_refused_by_its_checksum(stopped):
