@@ -1,18 +1,26 @@
 """Safe reading and writing of weights: safetensors only, atomic writes.
 
-An interrupted save never leaves a half-written file: we write to a hidden
-temporary file ``.<name>.<random>.tmp`` in the same folder and ``os.replace``
-it into place (atomic on POSIX and Windows), so the old file stays intact until
-the new one is complete. A save killed outright (``kill -9``, a lost kernel)
-cannot remove its temporary file; the next save of the same path does, once it
-is sure no live writer owns it: the writer holds an exclusive ``flock`` on it
-while writing (a dead process holds none) and the file predates this process.
+An interrupted save never leaves a half-written file: we write into a hidden
+private temporary folder ``.<name>.<random>.tmp/`` next to the target and
+``os.replace`` the finished file into place (atomic on POSIX and Windows), so
+the old file stays intact until the new one is complete. The folder, not a
+file, because writers such as safetensors' ``save_file`` write to their own
+temporary file (``.tmpXXXXXX``, as large as the result) beside the path they
+are given: inside our folder, it is ours to clean. A save killed outright
+(``kill -9``, a lost kernel) cannot remove its temporary folder; the next save
+of the same path does, once it is sure no live writer owns it: the writer holds
+an exclusive ``flock`` on the folder while writing (a dead process holds none)
+and nothing in it is newer than this process. Temporary *files* of that name,
+as earlier versions wrote them, are cleaned the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,38 +42,79 @@ _PROCESS_START = time.time()
 def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then atomically move the result to ``path``.
 
-    Stale temporary files of ``path`` left by a killed save are removed first
-    (see the module docstring for why that is safe).
+    ``tmp_path`` has ``path``'s name, inside a private temporary folder next to
+    ``path`` that is removed afterwards, with whatever ``write`` left in it.
+    Stale temporaries of ``path`` left by a killed save are removed first (see
+    the module docstring for why that is safe).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    folder = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd = None
     if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # marks the file as owned by a live writer until we close it
-    else:  # pragma: no cover - Windows cannot rename a file that is still open
-        os.close(fd)
-        fd = None
+        fd = os.open(folder, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # marks the folder as owned by a live writer until we close it
+    tmp = os.path.join(folder, path.name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; saved weights are ordinary files
+        os.chmod(tmp, 0o644)  # files in a 0700 folder may be 0600; saved weights are ordinary files
         os.replace(tmp, path)
-    except BaseException:
-        # KeyboardInterrupt included: remove the partial file, keep the old one.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
+        # KeyboardInterrupt included: remove the partial file (and any writer's own temporary), keep the old one.
+        shutil.rmtree(folder, ignore_errors=True)
         if fd is not None:
             os.close(fd)
     return path
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete ``.<name>.*.tmp`` files a killed save of ``path`` left behind; returns what was removed.
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """``with atomic_folder(path) as tmp:`` fill the folder ``tmp``; on success it becomes ``path``.
 
-    Only files named exactly as :func:`atomic_write_bytes` names them, last
-    modified before this process started, and not locked by a writer are removed.
+    ``tmp`` is a private, locked temporary folder beside ``path`` (cleaned like
+    :func:`atomic_write_bytes`'s when a run is killed), so ``path`` appears
+    complete or not at all; an older folder at ``path`` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fd = None
+    if fcntl is not None:
+        fd = os.open(folder, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    old = None
+    try:
+        yield folder
+        os.chmod(folder, 0o755)  # mkdtemp makes 0700 folders
+        if path.exists():  # moved aside under a temporary's name, so a kill here leaves nothing half-written
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(folder, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete ``.<name>.*.tmp`` folders (or files) a killed save of ``path`` left behind; returns what was removed.
+
+    Only entries named exactly as :func:`atomic_write_bytes` names them, with
+    nothing in them modified since this process started, and not locked by a
+    writer are removed.
     """
     path = Path(path)
     pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
@@ -76,15 +125,26 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         return removed
     for tmp in candidates:
         try:
-            if not tmp.is_file() or tmp.is_symlink() or tmp.stat().st_mtime >= _PROCESS_START:
+            if tmp.is_symlink() or not (tmp.is_file() or tmp.is_dir()) or _last_modified(tmp) >= _PROCESS_START:
                 continue
             if _owned_by_a_live_writer(tmp):
                 continue
-            tmp.unlink()
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed.append(tmp)
         except OSError:  # gone already, or not ours to delete: leave it
             continue
     return removed
+
+
+def _last_modified(tmp: Path) -> float:
+    """The newest modification time of ``tmp`` and, for a folder, of what is in it (a writer may still write)."""
+    times = [tmp.stat().st_mtime]
+    if tmp.is_dir():
+        times += [p.lstat().st_mtime for p in tmp.iterdir()]
+    return max(times)
 
 
 def _owned_by_a_live_writer(tmp: Path) -> bool:

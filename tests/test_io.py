@@ -179,3 +179,36 @@ def test_tampered_saved_state_gives_checkpoint_error(tmp_path, state, msg):
     save_file({"t0": torch.ones(1)}, str(path), metadata={"state": text})
     with pytest.raises(CheckpointError, match=msg):
         load_state(path)
+
+
+def test_safetensors_own_temporary_is_cleaned_after_a_real_kill_9_mid_save(tmp_path):
+    """safetensors' save_file writes its own ``.tmpXXXXXX`` (as large as the file) beside the path it is given and
+    renames it: killed mid-write, that file used to stay for ever. It now lies in our temporary folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "w.safetensors"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    saver = ("import torch; from sara_edu.io import save_tensors\n"
+             "t = {'a': torch.ones(8_000_000)}\n"
+             f"while True: save_tensors(t, {str(path)!r})\n")
+    child = subprocess.Popen([sys.executable, "-c", saver], env=env)
+    try:
+        deadline = time.monotonic() + 600  # a ceiling against a hang only
+        while not list(tmp_path.rglob(".tmp*")):  # safetensors' own temporary, wherever it is
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        child.send_signal(signal.SIGKILL)  # caught inside safetensors' own write
+    finally:
+        child.kill()
+        child.wait()
+    left = [p for p in tmp_path.iterdir() if p.name != "w.safetensors"]
+    assert len(left) == 1 and left[0].is_dir() and left[0].name.startswith(".w.safetensors.")
+    # the next run (a new process) removes the folder, safetensors' temporary file included
+    code = f"import torch; from sara_edu.io import save_tensors; save_tensors({{'a': torch.zeros(3)}}, {str(path)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    assert torch.equal(load_tensors(path)[0]["a"], torch.zeros(3))

@@ -35,6 +35,7 @@ from .selection import index_dtype_for
 
 SPARSE_FORMAT = "sara-edu-sparse/2"
 LEGACY_FORMATS = ("sara-edu-sparse/1",)
+RESERVED_METADATA = ("format", "config", "params")  # written by save_sparse itself
 _CHUNK = 1 << 24  # elements hashed at a time: bounded extra memory (64 MB for float32), any device
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -91,6 +92,11 @@ def save_sparse(obj, path, metadata: dict | None = None):
     tensors, for :func:`load_sparse`. Values must be finite (a diverged run is
     refused rather than saved).
     """
+    clash = sorted(set(metadata or {}) & set(RESERVED_METADATA))
+    if clash:  # they would overwrite what load_sparse reads, and it would refuse the file later
+        raise ConfigError(f"save_sparse metadata may not use the reserved key(s) {', '.join(map(repr, clash))} "
+                          f"(the file's own {', '.join(RESERVED_METADATA)}); store your information under "
+                          "other names, e.g. 'run_format'")
     opt = optimizer_of(obj)
     model = opt.model
     trained = dict(opt.trained_entries())

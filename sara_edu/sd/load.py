@@ -94,15 +94,26 @@ class StableDiffusionAdapter:
         return hidden.to(self.unet.dtype)
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE latents of images in [-1, 1], scaled like SD training (``* scaling_factor``)."""
+    def encode_images(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
+        """VAE latents of images in [-1, 1], scaled like SD training (``* scaling_factor``).
+
+        The latents are a sample of the VAE's posterior: ``generator`` (one ``torch.Generator``,
+        or a list with one per image, as in diffusers) draws it; None uses torch's global RNG.
+        :func:`~sara_edu.training.train` gives one generator per image of the global batch,
+        seeded from its position there, so a process draws the same numbers for an image
+        however the batch is split over processes.
+        """
         cfg = self.vae.config
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
             got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise DataError(f"pixels must be a tensor of shape (N, 3, H, W) in [-1, 1], got {got}"
                             + (" (add a batch dimension with pixels[None])" if getattr(pixels, "ndim", 0) == 3 else ""))
+        if isinstance(generator, (list, tuple)) and len(generator) != pixels.shape[0]:
+            raise ConfigError(f"generator is a list of {len(generator)} generators for {pixels.shape[0]} images: "
+                              "give one per image, or a single generator")
         pixels = pixels.to(self.vae.device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.sample()
+        latents = self.vae.encode(pixels).latent_dist.sample(generator=list(generator) if isinstance(
+            generator, tuple) else generator)
         if getattr(cfg, "shift_factor", None) is not None:  # SD3-style VAEs also shift
             latents = latents - cfg.shift_factor
         return (latents * cfg.scaling_factor).to(self.unet.dtype)

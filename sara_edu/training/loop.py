@@ -11,6 +11,7 @@ clipping, mixed precision, progress bar, history) is shared.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 
@@ -39,7 +40,7 @@ def _integer(value) -> bool:
 
 
 def _check(steps, lr, batch_size, warmup_steps, max_grad_norm, cond_dropout, mixed_precision, weight_decay,
-           gradient_accumulation_steps, checkpoint_every):
+           gradient_accumulation_steps, checkpoint_every, keep_checkpoints=None, stop_after=None):
     problems = []
     if not _integer(steps) or steps < 1:
         problems.append(f"steps must be a positive integer, got {steps!r}")
@@ -61,6 +62,11 @@ def _check(steps, lr, batch_size, warmup_steps, max_grad_norm, cond_dropout, mix
         problems.append(f"gradient_accumulation_steps must be a positive integer, got {gradient_accumulation_steps!r}")
     if checkpoint_every is not None and (not _integer(checkpoint_every) or checkpoint_every < 1):
         problems.append(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+    if keep_checkpoints is not None and (not _integer(keep_checkpoints) or keep_checkpoints < 1):
+        problems.append(f"keep_checkpoints must be a positive integer (how many to keep) or None (all), "
+                        f"got {keep_checkpoints!r}")
+    if stop_after is not None and (not _integer(stop_after) or stop_after < 1):
+        problems.append(f"stop_after must be a positive integer (steps to run) or None, got {stop_after!r}")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -86,7 +92,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
           cond_dropout: float = 0.0, gradient_accumulation_steps: int = 1, progress: bool = True,
           desc: str | None = None, callback=None, memory_tracker=None, stop_after: int | None = None,
           checkpoint_dir=None, checkpoint_every: int | None = None, keep_checkpoints: int | None = None,
-          resume: bool = False) -> pd.DataFrame:
+          resume: bool = False, run_settings: dict | None = None) -> pd.DataFrame:
     """Fine-tune ``pipe.unet`` on ``dataset`` with ``method``; return the history.
 
     ``pipe`` is a :class:`~sara_edu.world.model.TinyDiffusion` (or anything with ``unet``,
@@ -99,12 +105,17 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     **Several processes.** Launched with ``torchrun`` or ``accelerate launch``, every process
     runs this same call; ``batch_size`` is the *global* batch of one optimizer step, split over
     the processes and the ``gradient_accumulation_steps`` micro-batches. Every process draws
-    the global batch, noise and timesteps from the same seeded generator and keeps its share,
+    the global batch, noise, timesteps and the VAE's latent samples from the same seeded
+    generator (one per image of the global batch for the VAE) and keeps its share,
     so the run equals a one-process run with the same ``batch_size`` (up to float rounding).
 
     **Checkpoints.** With ``checkpoint_dir`` and ``checkpoint_every``, a checkpoint is written
     every that many steps (see :mod:`sara_edu.training.checkpoint`); ``resume=True`` continues
-    from the latest complete one (``pipe`` must be a fresh copy of the same base model).
+    from the latest complete one (``pipe`` must be a fresh copy of the same base model). The
+    checkpoint records a fingerprint of the base weights and the run's settings (these arguments,
+    the dataset's size, and ``run_settings``, which a caller names as its user gave them); resuming
+    with another base or other settings, resuming where there is no checkpoint, and starting a new
+    run where another run's checkpoints lie are refused with a clear error.
 
     ``stop_after`` runs only the first steps of a ``steps``-long schedule (the learning-rate
     schedule is still the one for ``steps``). ``callback(step, pipe, optimizer)`` runs after
@@ -123,16 +134,23 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     from tqdm.auto import tqdm
 
     from .batches import GlobalBatches, shares
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import base_fingerprint, check_resume, load_checkpoint, save_checkpoint
 
     method = method or FullFineTuning()
     k = gradient_accumulation_steps
     _check(steps, lr, batch_size, warmup_steps, max_grad_norm, cond_dropout, mixed_precision, weight_decay, k,
-           checkpoint_every)
+           checkpoint_every, keep_checkpoints, stop_after)
     if (checkpoint_every is not None or resume) and checkpoint_dir is None:
         raise ConfigError("checkpoint_every and resume need checkpoint_dir (the folder for the checkpoints)")
     if len(dataset) == 0:
         raise DataError("the dataset is empty: nothing to train on")
+    checkpointing = checkpoint_dir is not None and (checkpoint_every is not None or resume)
+    settings = {**(run_settings or {}), "steps": steps, "lr": lr, "batch_size": batch_size,
+                "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
+                "seed": seed, "cond_dropout": cond_dropout, "gradient_accumulation_steps": k,
+                "mixed_precision": mixed_precision, "dataset size": len(dataset)}
+    found = check_resume(checkpoint_dir, resume=resume, settings=settings,
+                         saving=checkpoint_every is not None) if checkpointing else None
     if not getattr(pipe, "scheduler_config", None):
         raise ConfigError(f"pipe ({type(pipe).__name__}) has no scheduler_config: train() needs the DDPM noise "
                           "schedule the model was trained with (a dict, as TinyDiffusion and "
@@ -148,6 +166,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     if mixed_precision in ("bf16", "fp16") and device.type != "cuda":
         mixed_precision = None  # autocast on CPU is slow and not what the course measures
     _check_weights_dtype(pipe.unet)
+    base = base_fingerprint(pipe.unet) if checkpointing else None  # before the method changes the model
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     pipe.to(device)
@@ -165,10 +184,13 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     batches = GlobalBatches(len(dataset), batch_size, gen, min_size=world * k)
     rows: list[dict] = []
     done = 0
-    if resume and (found := latest_checkpoint(checkpoint_dir)) is not None:
+    if found is not None:
         done, rows = load_checkpoint(found, method=method, unet=unet, optimizer=optimizer, scheduler=scheduler,
-                                     batches=batches)
+                                     batches=batches, base_sha256=base)
     last = steps if stop_after is None else min(steps, stop_after)
+    if done > last:
+        raise ConfigError(f"the checkpoint {found} has done {done} steps, more than this run's "
+                          f"{'stop_after' if last < steps else 'steps'}={last}: resume with a larger one")
     bar = tqdm(range(done + 1, last + 1), desc=desc or f"{method.name}", disable=not progress or rank != 0,
                leave=False)
     step = done
@@ -189,7 +211,14 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
                 prompts = ["" if drop[pos] else prompt for pos, prompt in zip(mine, prompts)]
             x0 = images.to(device)
             if hasattr(pipe, "encode_images"):  # latent diffusion (Stable Diffusion): pixels -> VAE latents
-                x0 = pipe.encode_images(x0)
+                # the VAE samples its latents too: one generator per global position, seeded from gen,
+                # so each image's draw does not depend on which process encodes it
+                seeds = torch.randint(0, 2**62, (n,), generator=gen)
+                if "generator" in inspect.signature(pipe.encode_images).parameters:
+                    x0 = pipe.encode_images(x0, generator=[torch.Generator().manual_seed(int(seeds[pos]))
+                                                           for pos in mine])
+                else:
+                    x0 = pipe.encode_images(x0)
             noise = torch.randn((n, *x0.shape[1:]), generator=gen)
             t = torch.randint(0, T, (n,), generator=gen)
             row_of = {pos: i for i, pos in enumerate(mine)}
@@ -248,7 +277,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
             if checkpoint_every is not None and step % checkpoint_every == 0:
                 if accelerator.is_main_process:
                     save_checkpoint(checkpoint_dir, step=step, method=method, unet=unet, optimizer=optimizer,
-                                    scheduler=scheduler, batches=batches, history=rows, keep=keep_checkpoints)
+                                    scheduler=scheduler, batches=batches, history=rows, keep=keep_checkpoints,
+                                    run={"base_sha256": base, "settings": settings})
                 accelerator.wait_for_everyone()
     except KeyboardInterrupt:
         _stop(method, unet)

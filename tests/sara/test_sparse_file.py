@@ -190,3 +190,18 @@ def test_a_diverged_run_is_not_saved(tmp_path):
     with pytest.raises(CheckpointError, match=r"0\.weight has 1 NaN or infinite trained values: the run diverged"):
         save_sparse(opt, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("key", ["format", "params", "config"])
+def test_reserved_metadata_keys_are_refused_before_writing(tmp_path, key):
+    from sara_edu.errors import ConfigError
+
+    model = _base()
+    opt = SaRAAdamW(model, lr=1e-2, fraction=0.1, rank_lambda=0)
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(ConfigError, match=rf"reserved key\(s\) '{key}' \(the file's own format, config, params\)"):
+        save_sparse(opt, path, {key: "mine", "base_model": "m"})
+    assert not path.exists()
+    save_sparse(opt, path, {"base_model": "m"})  # other keys are kept beside the reserved ones
+    load_sparse(copy.deepcopy(_base()), path)
+    detach(opt)
