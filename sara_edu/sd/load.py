@@ -160,7 +160,7 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
     downloads the half-size weight files.
 
     Raises :class:`~sara_edu.errors.CheckpointError` saying what to do when the folder or
-    the weights are missing, or the Hub cannot be reached.
+    the weights are missing or hold NaN or inf (a damaged file), or the Hub cannot be reached.
     """
     from ..training.loop import pick_device
 
@@ -194,6 +194,12 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
         raise CheckpointError(
             f"could not load Stable Diffusion from {folder} ({type(e).__name__}: {str(e)[:300]}). "
             f"{_DOWNLOAD_HINT.format(id=model_id_or_path)}") from e
+    from ..world.model import check_finite_weights
+
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        check_finite_weights(module.named_parameters(), f"the {part} weights in {folder / part} hold",
+                             "The file is damaged (a bad download or copy): download it again. "
+                             + _DOWNLOAD_HINT.format(id=model_id_or_path))
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     pipe = StableDiffusionAdapter(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer,

@@ -75,6 +75,16 @@ def _check_weights_dtype(unet) -> None:
             "float32) and pass mixed_precision='bf16' or 'fp16' on a GPU for half-precision speed.")
 
 
+def _check_weights_finite(pipe) -> None:
+    """NaN or inf weights before the first step make every loss NaN whatever the learning rate: say so first."""
+    from ..world.model import check_finite_weights, pipe_parameters
+
+    check_finite_weights(pipe_parameters(pipe), "the model's weights hold, before any training step,",
+                         "Lowering the learning rate will not help: they come from a damaged model file or an "
+                         "earlier diverged run. Reload the model (load_pretrained() or load_stable_diffusion(); "
+                         "re-create or re-download damaged files).")
+
+
 def _stack(dataset, indices):
     items = [dataset[i] for i in indices]
     return torch.stack([it["pixel_values"] for it in items]), [it["prompt"] for it in items]
@@ -148,6 +158,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     if mixed_precision in ("bf16", "fp16") and device.type != "cuda":
         mixed_precision = None  # autocast on CPU is slow and not what the course measures
     _check_weights_dtype(pipe.unet)
+    _check_weights_finite(pipe)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     pipe.to(device)

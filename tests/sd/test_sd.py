@@ -333,3 +333,15 @@ def test_download_fetches_only_what_loading_reads():
             "tokenizer/merges.txt"} <= got
     half = {f for f in filter_repo_objects(repo, allow_patterns=_weight_patterns("fp16")) if "fp16" in f}
     assert half == {"unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors"}
+
+
+def test_a_damaged_weights_file_is_refused_naming_the_part_and_the_count(sd_pipe, tmp_path, no_network):
+    folder = _save_diffusers_folder(sd_pipe, tmp_path / "sd")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1000:] = b"\xff" * 1000  # a bad copy: 250 float32 NaN, the header still valid
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"the unet weights in \S+unet hold 250 NaN or infinite values in "
+                                              r"1 tensor: \S+ \(250 of [\d,]+\)\. The file is damaged.*download "
+                                              r"it again"):
+        load_stable_diffusion(folder, local_files_only=True)

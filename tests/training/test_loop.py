@@ -128,3 +128,15 @@ def test_a_nan_loss_raises_with_the_partial_history_and_the_last_good_weights(ti
     assert method.optimizer.detached
     changed = [k for k, v in tiny_pipe.unet.state_dict().items() if not torch.equal(v, snapshot[k]) and k != "conv_out.bias"]
     assert changed == []  # no update was applied at the step whose loss was NaN
+
+
+def test_weights_non_finite_before_training_are_blamed_not_the_learning_rate(tiny_pipe):
+    from sara_edu.errors import CheckpointError
+
+    with torch.no_grad():
+        tiny_pipe.unet.conv_out.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"before any training step, 1 NaN or infinite values in 1 tensor: "
+                                              r"conv_out.weight \(1 of 864\)\. Lowering the learning rate will "
+                                              r"not help.*Reload the model") as caught:
+        train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), steps=2, batch_size=4, progress=False)
+    assert "lower the learning" not in str(caught.value)
