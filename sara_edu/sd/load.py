@@ -105,7 +105,9 @@ class StableDiffusionAdapter:
         latents = self.vae.encode(pixels).latent_dist.sample()
         if getattr(cfg, "shift_factor", None) is not None:  # SD3-style VAEs also shift
             latents = latents - cfg.shift_factor
-        return (latents * cfg.scaling_factor).to(self.unet.dtype)
+        # contiguous: the VAE hands back channels-last latents on the CPU, and torch's CPU GroupNorm backward
+        # crashes (segfault) on a channels-last input that needs no gradient when the norm's own weights train
+        return (latents * cfg.scaling_factor).to(self.unet.dtype).contiguous()
 
     def with_unet(self, unet: nn.Module) -> "StableDiffusionAdapter":
         """The same frozen VAE, text encoder and tokenizer around another UNet.

@@ -124,7 +124,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     **When a run stops early.** On Ctrl-C the steps done so far are kept: the partial history is
     returned (``history.attrs["interrupted"]`` says at which step). If the loss becomes NaN or
     infinite, :class:`FloatingPointError` is raised with the partial history as its ``history``
-    attribute; the weights are those after the last good step. Either way SaRA or the selective
+    attribute; the weights are those after the last good step. When nothing is left to train
+    (progressive adjustment froze every entry), :class:`ConfigError` is raised the same way. Either way SaRA or the selective
     baseline is detached, leaving a plain model with the trained weights.
     """
     from accelerate import Accelerator
@@ -200,7 +201,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
                 prompts = ["" if drop[pos] else prompt for pos, prompt in zip(mine, prompts)]
             x0 = images.to(device)
             if hasattr(pipe, "encode_images"):  # latent diffusion (Stable Diffusion): pixels -> VAE latents
-                x0 = pipe.encode_images(x0)
+                x0 = pipe.encode_images(x0).contiguous()  # channels-last latents crash a CPU GroupNorm backward
             noise = torch.randn((n, *x0.shape[1:]), generator=gen)
             t = torch.randint(0, T, (n,), generator=gen)
             row_of = {pos: i for i, pos in enumerate(mine)}
@@ -230,6 +231,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
                     if bad.item():
                         raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning "
                                                  "rate (the weights are those after the previous step)")
+                    if not loss.requires_grad:  # backward() would fail with a bare torch RuntimeError
+                        raise ConfigError(_nothing_trains(method, step))
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += per_sample_sum
             if scaler is not None:
@@ -268,7 +271,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
         print(f"train(): {history.attrs['interrupted']}. Returning the history so far; the model keeps the "
               "weights of the steps done" + (" (the method is detached)" if hasattr(method, "detach") else "") + ".")
         return history
-    except FloatingPointError as error:
+    except (FloatingPointError, ConfigError) as error:
         _stop(method, unet)
         error.history = _history(rows, method)
         raise
@@ -276,6 +279,18 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
         bar.close()
     unet.eval()
     return _history(rows, method)
+
+
+def _nothing_trains(method, step) -> str:
+    """Why the loss depends on no trainable parameter, and what to change."""
+    churn = getattr(getattr(method, "optimizer", None), "churn", None)
+    if churn is not None and int(churn["continue"].iloc[-1]) == 0:
+        return (f"nothing trains any more at step {step}: progressive adjustment froze every trained entry (all "
+                f"{int(churn['selected'].iloc[-1]):,} grew to |w| >= θ). The weights keep the steps done; for a "
+                "longer run give a larger threshold or fraction, or progressive_iter=None.")
+    return (f"the loss depends on no trainable parameter at step {step}: method {method.name!r} left nothing "
+            "trainable on the model's forward path (its weights lie in parts the forward pass does not use). "
+            "Train other weights (target_modules / layer_types, a larger threshold or fraction).")
 
 
 def _stop(method, unet) -> None:

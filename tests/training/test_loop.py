@@ -140,3 +140,29 @@ def test_weights_non_finite_before_training_are_blamed_not_the_learning_rate(tin
                                               r"not help.*Reload the model") as caught:
         train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), steps=2, batch_size=4, progress=False)
     assert "lower the learning" not in str(caught.value)
+
+
+def test_a_method_that_leaves_nothing_on_the_forward_path_gets_a_clear_error(tiny_pipe):
+    class OutsideTheModel(TrainingMethod):
+        name = "outside"
+
+        def build_optimizer(self, unet, *, lr, weight_decay, total_steps, betas=(0.9, 0.999)):
+            unet.requires_grad_(False)
+            return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=lr)
+
+    with pytest.raises(ConfigError, match=r"the loss depends on no trainable parameter at step 1: method 'outside'"):
+        train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), OutsideTheModel(), steps=2, batch_size=4,
+              progress=False)
+
+
+def test_when_progressive_adjustment_freezes_every_entry_the_run_says_so_and_keeps_its_steps(tiny_pipe):
+    from sara_edu.training import SaRA
+
+    with torch.no_grad():
+        tiny_pipe.unet.conv_out.weight.view(-1)[:3] = 1e-12  # three tiny weights: the first update moves them past θ
+    method = SaRA(threshold=1e-10, fraction=None, progressive_iter=1)
+    with pytest.raises(ConfigError, match=r"nothing trains any more at step 2: progressive adjustment froze every "
+                                          r"trained entry .*progressive_iter=None") as caught:
+        train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), method, steps=3, batch_size=4,
+              progress=False)
+    assert caught.value.history.step.tolist() == [1] and method.optimizer.detached
