@@ -281,6 +281,10 @@ def _resolve_folder(name: str, local_files_only: bool | None, variant: str | Non
     """A local folder holding the components: the folder itself, or the Hub snapshot of an id."""
     if _looks_like_path(name):
         folder = Path(name).expanduser()
+        if folder.is_file():
+            raise CheckpointError(f"Stable Diffusion folder {folder} is a file, expected a folder with unet/, vae/, "
+                                  "text_encoder/, tokenizer/ and scheduler/ (a diffusers model folder such as "
+                                  "`python -m sara_edu.sd download` writes); pass that folder, not a file in it.")
         if not folder.is_dir():
             raise CheckpointError(f"Stable Diffusion folder {folder} does not exist. "
                                   + _DOWNLOAD_HINT.format(id=SD15_ID))

@@ -24,10 +24,29 @@ HISTORY_COLUMNS = ["step", "loss", "lr", "step_time_s", "peak_memory_mb"]
 
 
 def pick_device(device=None) -> torch.device:
-    """CUDA if present (or the device asked for), else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA if present (or the device asked for, checked to exist here), else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    usage = "pass device='cpu', 'cuda', 'cuda:N' or None (CUDA when there is a GPU, else the CPU)"
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"device={device!r} is not a device torch knows ({str(e).splitlines()[0][:120]}): "
+                          f"{usage}") from e
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device={device!r} asks for a GPU, but {why}: pass device='cpu' or None (the CPU "
+                              "here), or run on a machine with a CUDA GPU.")
+        if chosen.index is not None and chosen.index >= count:
+            raise ConfigError(f"device={device!r}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}; "
+                              f"{usage}")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r} asks for Apple's GPU, which is not available here: {usage}")
+    elif chosen.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device!r}: sara-edu runs on the CPU, CUDA or mps; {usage}")
+    return chosen
 
 
 def _number(value) -> bool:

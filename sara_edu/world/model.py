@@ -159,6 +159,9 @@ def load_pretrained(folder=None, checkpoint: str | None = None, device=None) -> 
         check_data_dir()
     folder = Path(folder or PRETRAINED_DIR)
     cfg_path = folder / "config.json"
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file, expected the model's folder (config.json, unet.safetensors, "
+                              f"text_encoder.safetensors): pass {folder.parent} if the file is in it.")
     if not cfg_path.exists():
         raise CheckpointError(f"no config.json in {folder}. Point at a folder written by save_pretrained, "
                               "or run `make data` to regenerate the shipped model.")

@@ -190,3 +190,16 @@ def test_a_diverged_run_is_not_saved(tmp_path):
     with pytest.raises(CheckpointError, match=r"0\.weight has 1 NaN or infinite trained values: the run diverged"):
         save_sparse(opt, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("folder_name", ["run", "run.safetensors"])
+def test_a_folder_is_told_it_is_a_folder_and_which_file_to_pass(trained, tmp_path, folder_name):
+    base, _, path = trained
+    folder = tmp_path / folder_name
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=r"run(\.safetensors)? is a folder, not a file: pass the \.safetensors "
+                                              r"file to read\.$"):
+        load_sparse(base, folder)
+    (folder / "sara.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match=r"is a folder, not a file: .*\(e\.g\. \S+sara\.safetensors\)"):
+        load_sparse(base, folder)

@@ -406,3 +406,11 @@ print("loss", history.loss.iloc[0])
 """)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     assert "loss" in done.stdout
+
+
+def test_a_file_given_as_the_stable_diffusion_folder_is_told_it_is_a_file(sd_pipe, tmp_path, no_network):
+    folder = _save_diffusers_folder(sd_pipe, tmp_path / "sd")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    with pytest.raises(CheckpointError, match=r"is a file, expected a folder with unet/, vae/.*pass that folder, not "
+                                              r"a file in it"):
+        load_stable_diffusion(weights, local_files_only=True)

@@ -166,3 +166,18 @@ def test_when_progressive_adjustment_freezes_every_entry_the_run_says_so_and_kee
         train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), method, steps=3, batch_size=4,
               progress=False)
     assert caught.value.history.step.tolist() == [1] and method.optimizer.detached
+
+
+@pytest.mark.parametrize("device,msg", [
+    ("cuda", r"device='cuda' asks for a GPU, but (this torch is built without CUDA|no CUDA GPU is visible): pass "
+             r"device='cpu' or None"),
+    ("cuda:0", r"device='cuda:0' asks for a GPU"),
+    ("gpu", r"device='gpu' is not a device torch knows .*pass device='cpu', 'cuda', 'cuda:N' or None"),
+    (3.5, r"device=3.5 is not a device torch knows"),
+])
+def test_a_device_this_machine_lacks_is_named_with_what_to_pass(tiny_pipe, monkeypatch, device, msg):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    with pytest.raises(ConfigError, match=msg):
+        train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), steps=1, batch_size=4, progress=False,
+              device=device)
+    assert next(tiny_pipe.unet.parameters()).device.type == "cpu"

@@ -95,3 +95,9 @@ def test_save_pretrained_refuses_non_finite_weights_and_keeps_the_saved_files(tm
                                               r"in 2 tensors: conv_in.weight \(2 of 864\), text_encoder.token.weight \(1 of"):
         save_pretrained(tiny_pipe, folder)
     assert (folder / "unet.safetensors").read_bytes() == before
+
+
+def test_a_file_given_as_the_model_folder_is_told_it_is_a_file(tmp_path, tiny_pipe):
+    folder = save_pretrained(tiny_pipe, tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"unet.safetensors is a file, expected the model's folder .*pass \S+m "):
+        load_pretrained(folder / "unet.safetensors")
