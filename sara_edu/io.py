@@ -211,6 +211,10 @@ def _existing(path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist. Check the path, or run "
                               "`make data` to regenerate the shipped files.")
+    if path.is_dir():
+        inside = sorted(path.glob("*.safetensors"))
+        hint = f" (e.g. {inside[0]})" if inside else ""
+        raise CheckpointError(f"{path} is a folder, not a file: pass the .safetensors file to read{hint}.")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: sara-edu reads weights only from .safetensors files (never pickle).")
     return path

@@ -279,7 +279,9 @@ def select_parameters(model: nn.Module, threshold: float | None = None, fraction
     θ = 0 and those values are *not* selected. With ``per_layer=True`` such a
     layer (e.g. an all-zero bias) trains nothing; its name is listed in
     ``selection.extra["zero_threshold_layers"]``. Pass a ``threshold`` to train
-    the zeros: any positive θ selects them.
+    the zeros: any positive θ selects them. But a θ that selects nothing except
+    whole all-zero parameters of a model with non-zero weights (a tiny θ finding
+    zero-initialised norm biases) trains no small weight: that is refused.
     """
     check_selection_args(threshold, fraction, per_layer)
     params = considered_parameters(model, target_modules, layer_types, include_frozen)
@@ -303,7 +305,29 @@ def select_parameters(model: nn.Module, threshold: float | None = None, fraction
                     extra)
     if sel.total_selected == 0:
         raise ConfigError(_nothing_selected(params, threshold, fraction, per_layer, sel.total_numel))
+    # A pretrained model whose only selected entries are whole all-zero tensors (zero-initialised norm biases,
+    # say: what a tiny θ finds) has no small weight selected: that is no SaRA run. (In an all-zero model the
+    # zeros are all there is, and a threshold trains them, as _nothing_selected suggests.)
+    zero_tensors = [n for n, p in params if len(indices[n]) == p.numel() and not bool(p.detach().any())]
+    if sum(len(indices[n]) for n in zero_tensors) == sel.total_selected < sel.total_numel:
+        raise ConfigError(_only_zero_tensors(params, zero_tensors, sel))
     return sel
+
+
+def _only_zero_tensors(params, zero_tensors, sel) -> str:
+    """Why a selection of whole all-zero tensors (zero-initialised biases, ...) is not SaRA, and a θ that is."""
+    tensors = [p for _, p in params]
+    zeros = sum(int((p.detach() == 0).sum()) for p in tensors)
+    smallest = abs_order_statistics(tensors, [zeros])[0]
+    q10 = abs_quantile(tensors, 0.1)
+    setting = f"{'threshold' if sel.mode == 'threshold' else 'fraction'}={sel.requested:g}"
+    more = f" and {len(zero_tensors) - 2} more" if len(zero_tensors) > 2 else ""
+    return (f"{setting} selects nothing useful to train: its {sel.total_selected:,} entries are whole parameters "
+            f"that are exactly 0 ({', '.join(zero_tensors[:2])}{more}; {len(zero_tensors)} tensor{'s' if len(zero_tensors) > 1 else ''}, usually "
+            f"zero-initialised biases of norm layers), and no non-zero weight has |w| < θ = "
+            f"{max(sel.thresholds.values()):.3g} (the smallest non-zero |w| is {smallest:.3g}). SaRA trains the "
+            f"small weights of a pretrained model: choose θ well above that, e.g. threshold={q10:.2g} (the 10% "
+            "quantile of |w|), or fraction=0.1.")
 
 
 def check_finite(params) -> None:

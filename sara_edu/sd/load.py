@@ -116,7 +116,9 @@ class StableDiffusionAdapter:
             generator, tuple) else generator)
         if getattr(cfg, "shift_factor", None) is not None:  # SD3-style VAEs also shift
             latents = latents - cfg.shift_factor
-        return (latents * cfg.scaling_factor).to(self.unet.dtype)
+        # contiguous: the VAE hands back channels-last latents on the CPU, and torch's CPU GroupNorm backward
+        # crashes (segfault) on a channels-last input that needs no gradient when the norm's own weights train
+        return (latents * cfg.scaling_factor).to(self.unet.dtype).contiguous()
 
     def with_unet(self, unet: nn.Module) -> "StableDiffusionAdapter":
         """The same frozen VAE, text encoder and tokenizer around another UNet.
@@ -171,7 +173,7 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
     downloads the half-size weight files.
 
     Raises :class:`~sara_edu.errors.CheckpointError` saying what to do when the folder or
-    the weights are missing, or the Hub cannot be reached.
+    the weights are missing or hold NaN or inf (a damaged file), or the Hub cannot be reached.
     """
     from ..training.loop import pick_device
 
@@ -205,6 +207,12 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
         raise CheckpointError(
             f"could not load Stable Diffusion from {folder} ({type(e).__name__}: {str(e)[:300]}). "
             f"{_DOWNLOAD_HINT.format(id=model_id_or_path)}") from e
+    from ..world.model import check_finite_weights
+
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        check_finite_weights(module.named_parameters(), f"the {part} weights in {folder / part} hold",
+                             "The file is damaged (a bad download or copy): download it again. "
+                             + _DOWNLOAD_HINT.format(id=model_id_or_path))
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     pipe = StableDiffusionAdapter(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer,
@@ -284,6 +292,10 @@ def _resolve_folder(name: str, local_files_only: bool | None, variant: str | Non
     """A local folder holding the components: the folder itself, or the Hub snapshot of an id."""
     if _looks_like_path(name):
         folder = Path(name).expanduser()
+        if folder.is_file():
+            raise CheckpointError(f"Stable Diffusion folder {folder} is a file, expected a folder with unet/, vae/, "
+                                  "text_encoder/, tokenizer/ and scheduler/ (a diffusers model folder such as "
+                                  "`python -m sara_edu.sd download` writes); pass that folder, not a file in it.")
         if not folder.is_dir():
             raise CheckpointError(f"Stable Diffusion folder {folder} does not exist. "
                                   + _DOWNLOAD_HINT.format(id=SD15_ID))

@@ -53,5 +53,5 @@ def generate_sd(pipe: StableDiffusionAdapter, prompts, steps: int = 25, seed: in
     images = torch.cat(out)
     if not torch.isfinite(images).all():
         raise FloatingPointError("generate_sd produced NaN or infinite pixels. " + non_finite_report(
-            pipe.unet, "load the VAE in float32 (load_stable_diffusion(..., dtype=torch.float32)) or bfloat16"))
+            pipe, "load the VAE in float32 (load_stable_diffusion(..., dtype=torch.float32)) or bfloat16"))
     return images.clamp(-1, 1)

@@ -5,6 +5,8 @@ it), so neither imports the other.
 """
 from __future__ import annotations
 
+import csv
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +75,10 @@ def read_results(path) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype=_PANDAS_DTYPES[t]) for c, t in SCHEMA.items()})
     try:
+        _check_row_lengths(path)
         df = pd.read_csv(path, dtype={c: str for c, t in SCHEMA.items() if t == "str"}, keep_default_na=False,
                          na_values={c: ["", "nan", "NaN"] for c, t in SCHEMA.items() if t != "str"})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path} is not a readable study CSV ({e}); delete it (the study re-runs everything) "
                         "or restore it from git") from e
     missing = [c for c in SCHEMA if c not in df.columns]
@@ -84,13 +87,35 @@ def read_results(path) -> pd.DataFrame:
                         "written by another version of sara_edu.study. Move it away and re-run the study.")
     df = df[list(SCHEMA)]
     for col, kind in SCHEMA.items():
-        if kind == "float":
-            df[col] = pd.to_numeric(df[col], errors="raise").astype("float64")
-        elif kind == "int":
-            df[col] = pd.to_numeric(df[col], errors="raise").astype("int64")
-        else:
+        if kind == "str":
             df[col] = df[col].astype("str")
+            continue
+        numbers = pd.to_numeric(df[col], errors="coerce")
+        bad = df[col].notna() & numbers.isna() if kind == "float" else numbers.isna() | (numbers % 1 != 0)
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise DataError(f"{path}, line {row + 2}: column {col!r} holds {df[col].iloc[row]!r}, not "
+                            f"{'an integer' if kind == 'int' else 'a number'}. Fix or delete that line (the study "
+                            "runs a deleted run again when resumed), or restore the file from git.")
+        df[col] = numbers.astype("float64" if kind == "float" else "int64")
     return df
+
+
+def _check_row_lengths(path: Path) -> None:
+    """Refuse a row with more or fewer fields than the header (a cut last row: an interrupted copy or edit).
+
+    pandas would fill the missing fields with NaN, or fail later on a type, without naming the line.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        for row in rows:
+            if row and header is not None and len(row) != len(header):
+                cut = " (it is cut short" + (": the file ends there" if f.read(1) == "" else "") + ")" \
+                    if len(row) < len(header) else ""
+                raise DataError(f"{path}, line {rows.line_num}: {len(row)} fields where the header has "
+                                f"{len(header)}{cut}. Delete that line (the study runs that run again when "
+                                "resumed), or restore the file from git.")
 
 
 def write_results(df: pd.DataFrame, path) -> Path:

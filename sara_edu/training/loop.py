@@ -25,10 +25,29 @@ HISTORY_COLUMNS = ["step", "loss", "lr", "step_time_s", "peak_memory_mb"]
 
 
 def pick_device(device=None) -> torch.device:
-    """CUDA if present (or the device asked for), else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA if present (or the device asked for, checked to exist here), else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    usage = "pass device='cpu', 'cuda', 'cuda:N' or None (CUDA when there is a GPU, else the CPU)"
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"device={device!r} is not a device torch knows ({str(e).splitlines()[0][:120]}): "
+                          f"{usage}") from e
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device={device!r} asks for a GPU, but {why}: pass device='cpu' or None (the CPU "
+                              "here), or run on a machine with a CUDA GPU.")
+        if chosen.index is not None and chosen.index >= count:
+            raise ConfigError(f"device={device!r}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}; "
+                              f"{usage}")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r} asks for Apple's GPU, which is not available here: {usage}")
+    elif chosen.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device!r}: sara-edu runs on the CPU, CUDA or mps; {usage}")
+    return chosen
 
 
 def _number(value) -> bool:
@@ -81,6 +100,16 @@ def _check_weights_dtype(unet) -> None:
             "float32) and pass mixed_precision='bf16' or 'fp16' on a GPU for half-precision speed.")
 
 
+def _check_weights_finite(pipe) -> None:
+    """NaN or inf weights before the first step make every loss NaN whatever the learning rate: say so first."""
+    from ..world.model import check_finite_weights, pipe_parameters
+
+    check_finite_weights(pipe_parameters(pipe), "the model's weights hold, before any training step,",
+                         "Lowering the learning rate will not help: they come from a damaged model file or an "
+                         "earlier diverged run. Reload the model (load_pretrained() or load_stable_diffusion(); "
+                         "re-create or re-download damaged files).")
+
+
 def _stack(dataset, indices):
     items = [dataset[i] for i in indices]
     return torch.stack([it["pixel_values"] for it in items]), [it["prompt"] for it in items]
@@ -125,7 +154,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     **When a run stops early.** On Ctrl-C the steps done so far are kept: the partial history is
     returned (``history.attrs["interrupted"]`` says at which step). If the loss becomes NaN or
     infinite, :class:`FloatingPointError` is raised with the partial history as its ``history``
-    attribute; the weights are those after the last good step. Either way SaRA or the selective
+    attribute; the weights are those after the last good step. When nothing is left to train
+    (progressive adjustment froze every entry), :class:`ConfigError` is raised the same way. Either way SaRA or the selective
     baseline is detached, leaving a plain model with the trained weights.
     """
     from accelerate import Accelerator
@@ -166,6 +196,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
     if mixed_precision in ("bf16", "fp16") and device.type != "cuda":
         mixed_precision = None  # autocast on CPU is slow and not what the course measures
     _check_weights_dtype(pipe.unet)
+    _check_weights_finite(pipe)
     base = base_fingerprint(pipe.unet) if checkpointing else None  # before the method changes the model
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -219,6 +250,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
                                                            for pos in mine])
                 else:
                     x0 = pipe.encode_images(x0)
+                x0 = x0.contiguous()  # channels-last latents crash a CPU GroupNorm backward
             noise = torch.randn((n, *x0.shape[1:]), generator=gen)
             t = torch.randint(0, T, (n,), generator=gen)
             row_of = {pos: i for i, pos in enumerate(mine)}
@@ -248,6 +280,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
                     if bad.item():
                         raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning "
                                                  "rate (the weights are those after the previous step)")
+                    if not loss.requires_grad:  # backward() would fail with a bare torch RuntimeError
+                        raise ConfigError(_nothing_trains(method, step))
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += per_sample_sum
             if scaler is not None:
@@ -287,7 +321,7 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
         print(f"train(): {history.attrs['interrupted']}. Returning the history so far; the model keeps the "
               "weights of the steps done" + (" (the method is detached)" if hasattr(method, "detach") else "") + ".")
         return history
-    except FloatingPointError as error:
+    except (FloatingPointError, ConfigError) as error:
         _stop(method, unet)
         error.history = _history(rows, method)
         raise
@@ -295,6 +329,18 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
         bar.close()
     unet.eval()
     return _history(rows, method)
+
+
+def _nothing_trains(method, step) -> str:
+    """Why the loss depends on no trainable parameter, and what to change."""
+    churn = getattr(getattr(method, "optimizer", None), "churn", None)
+    if churn is not None and int(churn["continue"].iloc[-1]) == 0:
+        return (f"nothing trains any more at step {step}: progressive adjustment froze every trained entry (all "
+                f"{int(churn['selected'].iloc[-1]):,} grew to |w| >= θ). The weights keep the steps done; for a "
+                "longer run give a larger threshold or fraction, or progressive_iter=None.")
+    return (f"the loss depends on no trainable parameter at step {step}: method {method.name!r} left nothing "
+            "trainable on the model's forward path (its weights lie in parts the forward pass does not use). "
+            "Train other weights (target_modules / layer_types, a larger threshold or fraction).")
 
 
 def _stop(method, unet) -> None:

@@ -166,6 +166,9 @@ class ImageFolderDataset(TensorImageDataset):
             raise DataError(f"caption_column must be the name of the caption key, e.g. 'text', got {caption_column!r}")
         folder = Path(folder)
         meta = folder / "metadata.jsonl"
+        if folder.is_file():
+            raise DataError(f"image folder {folder} is a file, expected a folder holding the images and a "
+                            f"metadata.jsonl: pass its folder ({folder.parent}) or the folder you meant")
         if not folder.is_dir():
             raise DataError(f"image folder {folder} does not exist")
         if not meta.exists():

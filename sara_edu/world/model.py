@@ -76,19 +76,68 @@ class TinyDiffusion:
 
 
 def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source="checkpoint") -> None:
-    """``load_state_dict`` that explains a mismatch instead of dumping a traceback."""
+    """``load_state_dict`` that explains a mismatch instead of dumping a traceback, and refuses NaN or inf."""
     own = module.state_dict()
     problem = describe_mismatch({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
     if problem:
         raise CheckpointError(f"{source} does not match the model: {problem}. "
                               "Load it into a model built with the config saved beside it.")
+    check_finite_weights(state.items(), f"{source} holds",
+                         "The file is damaged (or was saved from a diverged run): re-create it (`make data` "
+                         "regenerates the shipped files, save_pretrained a healthy model) or restore it from git.")
     with torch.no_grad():
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def non_finite_tensors(named) -> list[tuple[str, int, int]]:
+    """``(name, non-finite count, size)`` of each floating-point tensor of ``(name, tensor)`` pairs with NaN or inf."""
+    bad = []
+    for name, t in named:
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t.detach())).sum())
+            if n:
+                bad.append((name, n, t.numel()))
+    return bad
+
+
+def _listed(bad) -> str:
+    more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+    return ", ".join(f"{name} ({n:,} of {size:,})" for name, n, size in bad[:3]) + more
+
+
+def check_finite_weights(named, what: str, remedy: str) -> None:
+    """Raise :class:`CheckpointError` ``"{what} N NaN or infinite values in ...: {remedy}"`` if a tensor holds one.
+
+    NaN or inf weights never turn finite again: everything computed from them is NaN,
+    so they are refused where they enter (loading, training, saving).
+    """
+    bad = non_finite_tensors(named)
+    if bad:
+        raise CheckpointError(f"{what} {sum(n for _, n, _ in bad):,} NaN or infinite values in {len(bad)} "
+                              f"tensor{'s' if len(bad) > 1 else ''}: {_listed(bad)}. {remedy}")
+
+
+def pipe_parameters(pipe) -> list[tuple[str, torch.Tensor]]:
+    """Named parameters of a pipeline's networks: the UNet's as they are, the frozen parts' prefixed.
+
+    ``pipe`` may also be a single module.
+    """
+    if isinstance(pipe, nn.Module):
+        return list(pipe.named_parameters())
+    named = list(pipe.unet.named_parameters())
+    for part in ("text_encoder", "vae"):
+        module = getattr(pipe, part, None)
+        if isinstance(module, nn.Module):
+            named += [(f"{part}.{n}", p) for n, p in module.named_parameters()]
+    return named
 
 
 def save_pretrained(pipe: TinyDiffusion, folder, metadata: dict | None = None) -> Path:
     """Write ``config.json``, ``unet.safetensors`` and ``text_encoder.safetensors``."""
     folder = Path(folder)
+    check_finite_weights(pipe_parameters(pipe), f"save_pretrained refuses to write {folder}: the model holds",
+                         "Such weights cannot be loaded back; save the model from before the run diverged "
+                         "(or reload it with load_pretrained()).")
     folder.mkdir(parents=True, exist_ok=True)
     config = {"unet": dict(pipe.unet.config), "scheduler": pipe.scheduler_config, **(metadata or {})}
     save_tensors(pipe.unet.state_dict(), folder / "unet.safetensors", {"unet_config": config["unet"]})
@@ -110,6 +159,9 @@ def load_pretrained(folder=None, checkpoint: str | None = None, device=None) -> 
         check_data_dir()
     folder = Path(folder or PRETRAINED_DIR)
     cfg_path = folder / "config.json"
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file, expected the model's folder (config.json, unet.safetensors, "
+                              f"text_encoder.safetensors): pass {folder.parent} if the file is in it.")
     if not cfg_path.exists():
         raise CheckpointError(f"no config.json in {folder}. Point at a folder written by save_pretrained, "
                               "or run `make data` to regenerate the shipped model.")
@@ -124,7 +176,7 @@ def load_pretrained(folder=None, checkpoint: str | None = None, device=None) -> 
     load_state_dict_checked(unet, state, source=str(weights))
     text_encoder = TinyTextEncoder()
     te_state, _ = load_tensors(folder / "text_encoder.safetensors")
-    load_state_dict_checked(text_encoder, te_state, source="text_encoder.safetensors")
+    load_state_dict_checked(text_encoder, te_state, source=str(folder / "text_encoder.safetensors"))
     pipe = TinyDiffusion(unet.eval(), text_encoder, scheduler_config)
     return pipe.to(device) if device is not None else pipe
 
@@ -197,7 +249,7 @@ def generate(pipe: TinyDiffusion, prompts, steps: int = 25, seed: int = 0, guida
         unet.train(was_training)
     images = torch.cat(out)
     if not torch.isfinite(images).all():
-        raise FloatingPointError(f"generate produced NaN or infinite pixels. {non_finite_report(unet)}")
+        raise FloatingPointError(f"generate produced NaN or infinite pixels. {non_finite_report(pipe)}")
     return images
 
 
@@ -208,19 +260,24 @@ def check_pipe(pipe, caller: str) -> None:
                           f"{type(pipe).__name__}. A bare UNet has no text encoder: wrap it as TinyDiffusion(unet).")
 
 
-def non_finite_report(module: nn.Module, if_finite: str = "sample in float32 (pipe.unet.float())") -> str:
-    """Which parameters of ``module`` hold NaN or inf, in one sentence (or why the model is not to blame).
+def non_finite_report(pipe, if_half: str = "sample in float32 (pipe.unet.float())") -> str:
+    """Why sampling gave NaN or inf, in one sentence: the weights to blame, or what overflowed.
 
-    ``if_finite``: what to suggest when every weight is finite (the arithmetic overflowed).
+    ``pipe``: a pipeline (its UNet, text encoder and VAE are checked) or one module.
+    ``if_half``: what to suggest when every weight is finite and some part runs in half precision.
     """
-    bad = []
-    for name, p in module.named_parameters():
-        if p.is_floating_point():
-            n = int((~torch.isfinite(p.detach())).sum())
-            if n:
-                bad.append(f"{name} ({n:,} of {p.numel():,})")
-    if not bad:
-        return f"Every weight is finite, so the computation overflowed (float16 overflows easily): {if_finite}."
-    more = f" and {len(bad) - 3} more parameters" if len(bad) > 3 else ""
-    return (f"The model's weights are not finite: {', '.join(bad[:3])}{more}. A diverged training run leaves "
-            "such weights; reload the pretrained model (load_pretrained()) and train with a lower lr.")
+    named = pipe_parameters(pipe)
+    bad = non_finite_tensors(named)
+    if bad:
+        return (f"The model's weights are not finite: {_listed(bad)}. A damaged model file or a diverged training "
+                "run leaves such weights: reload the model (load_pretrained(), load_stable_diffusion(), or "
+                "re-create / re-download its files); if your training run produced them, train again with a "
+                "lower lr.")
+    half = sorted({str(p.dtype).removeprefix("torch.") for _, p in named} & {"float16", "bfloat16"})
+    if half:
+        return (f"Every weight is finite, so the computation overflowed ({', '.join(half)} overflows easily): "
+                f"{if_half}.")
+    name, p = max(named, key=lambda item: float(item[1].detach().abs().max()) if item[1].numel() else 0.0)
+    return (f"Every weight is finite and in float32, so the computation overflowed: the largest |w| is "
+            f"{float(p.detach().abs().max()):.3g} (in {name}); if a training run blew the weights up, reload the "
+            "model and train with a lower lr; else lower guidance_scale.")

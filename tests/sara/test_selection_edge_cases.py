@@ -67,4 +67,23 @@ def test_per_layer_rule_for_an_all_zero_layer_selects_nothing_there_and_says_so(
         n = sel.shapes[name][0] * (sel.shapes[name][1] if len(sel.shapes[name]) > 1 else 1)
         assert sel.indices[name].numel() == pytest.approx(0.25 * n, abs=1)
     # a threshold trains the zeros of that layer, as documented
-    assert select_parameters(model, threshold=1e-3).indices["0.bias"].numel() == 16
+    assert select_parameters(model, threshold=1e-2).indices["0.bias"].numel() == 16
+
+
+def test_a_threshold_that_selects_only_all_zero_parameters_is_refused_with_the_numbers():
+    model = _model()
+    with torch.no_grad():
+        model[0].bias.zero_()  # like the zero-initialised biases of norm layers
+        model[1].bias.zero_()
+    smallest = min(float(p.abs()[p != 0].min()) for p in model.parameters() if bool(p.any()))
+    with pytest.raises(ConfigError, match=r"threshold=1e-30 selects nothing useful to train: its 20 entries are whole "
+                                          r"parameters that are exactly 0 \(0\.bias, 1\.bias; 2 tensors.*θ = 1e-30 "
+                                          rf"\(the smallest non-zero \|w\| is {smallest:.3g}\).*threshold=\S+ "
+                                          r"\(the 10% quantile of \|w\|\), or fraction=0.1"):
+        select_parameters(model, threshold=1e-30)
+    # a θ that also reaches small non-zero weights is SaRA again; so is training the scattered zeros of a
+    # pruned weight (they live inside a weight with non-zero entries)
+    assert select_parameters(model, threshold=smallest * 1.01).total_selected == 21
+    with torch.no_grad():
+        model[1].weight.view(-1)[:5] = 0
+    assert select_parameters(model, threshold=1e-30).total_selected == 25

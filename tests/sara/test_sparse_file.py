@@ -205,3 +205,16 @@ def test_reserved_metadata_keys_are_refused_before_writing(tmp_path, key):
     save_sparse(opt, path, {"base_model": "m"})  # other keys are kept beside the reserved ones
     load_sparse(copy.deepcopy(_base()), path)
     detach(opt)
+
+
+@pytest.mark.parametrize("folder_name", ["run", "run.safetensors"])
+def test_a_folder_is_told_it_is_a_folder_and_which_file_to_pass(trained, tmp_path, folder_name):
+    base, _, path = trained
+    folder = tmp_path / folder_name
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=r"run(\.safetensors)? is a folder, not a file: pass the \.safetensors "
+                                              r"file to read\.$"):
+        load_sparse(base, folder)
+    (folder / "sara.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match=r"is a folder, not a file: .*\(e\.g\. \S+sara\.safetensors\)"):
+        load_sparse(base, folder)

@@ -333,3 +333,84 @@ def test_download_fetches_only_what_loading_reads():
             "tokenizer/merges.txt"} <= got
     half = {f for f in filter_repo_objects(repo, allow_patterns=_weight_patterns("fp16")) if "fp16" in f}
     assert half == {"unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors"}
+
+
+def test_a_damaged_weights_file_is_refused_naming_the_part_and_the_count(sd_pipe, tmp_path, no_network):
+    folder = _save_diffusers_folder(sd_pipe, tmp_path / "sd")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1000:] = b"\xff" * 1000  # a bad copy: 250 float32 NaN, the header still valid
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"the unet weights in \S+unet hold 250 NaN or infinite values in "
+                                              r"1 tensor: \S+ \(250 of [\d,]+\)\. The file is damaged.*download "
+                                              r"it again"):
+        load_stable_diffusion(folder, local_files_only=True)
+
+
+def _run_isolated(code: str):
+    """Run ``code`` in a fresh interpreter: a crash of torch (a segfault) must not take the test run with it."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=900)  # a ceiling against a hang only
+
+
+_TINY_SD_RUN = """
+import torch, torch.nn.functional as F
+from sara_edu.errors import ConfigError
+from sara_edu.sd.tiny import tiny_sd_pipeline
+from sara_edu.training import SaRA
+from sara_edu.training.loop import train
+from sara_edu.training.method import TrainingMethod
+from sara_edu.world.data import StyleDataset, TensorImageDataset
+
+style = StyleDataset("cyberpunk", limit_per_digit=1)
+data = TensorImageDataset(F.interpolate(style.images, size=64, mode="bilinear").clamp(-1, 1), style.prompts)
+pipe = tiny_sd_pipeline(seed=0)
+"""
+
+
+def test_threshold_selecting_only_zero_norm_biases_is_a_clear_error_not_a_segfault():
+    done = _run_isolated(_TINY_SD_RUN + """
+try:
+    train(pipe, data, SaRA(threshold=1e-30, fraction=None), steps=2, batch_size=2, progress=False)
+except ConfigError as e:
+    print("ConfigError:", e)
+""")
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert "ConfigError: threshold=1e-30 selects nothing useful to train: its 1,664 entries" in done.stdout
+    assert "exactly 0" in done.stdout and "smallest non-zero |w| is" in done.stdout and "threshold=0.0" in done.stdout
+
+
+def test_training_only_norm_layers_on_vae_latents_does_not_crash():
+    """torch's CPU GroupNorm backward segfaults on a channels-last input (what the VAE returns) that needs no
+    gradient while the norm's own weights train: the latents are made contiguous."""
+    done = _run_isolated(_TINY_SD_RUN + """
+class OnlyNorms(TrainingMethod):
+    name = "norms"
+
+    def build_optimizer(self, unet, *, lr, weight_decay, total_steps, betas=(0.9, 0.999)):
+        unet.requires_grad_(False)
+        norms = [p for m in unet.modules() if isinstance(m, torch.nn.GroupNorm) for p in m.parameters()]
+        for p in norms:
+            p.requires_grad_(True)
+        return torch.optim.AdamW(norms, lr=lr)
+
+with torch.no_grad():  # the crash's cause: the CPU VAE returns a batch of latents channels-last
+    assert not pipe.vae.encode(torch.zeros(2, 3, 64, 64)).latent_dist.sample().is_contiguous()
+history = train(pipe, data, OnlyNorms(), steps=1, batch_size=2, progress=False)
+print("loss", history.loss.iloc[0])
+""")
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert "loss" in done.stdout
+
+
+def test_a_file_given_as_the_stable_diffusion_folder_is_told_it_is_a_file(sd_pipe, tmp_path, no_network):
+    folder = _save_diffusers_folder(sd_pipe, tmp_path / "sd")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    with pytest.raises(CheckpointError, match=r"is a file, expected a folder with unet/, vae/.*pass that folder, not "
+                                              r"a file in it"):
+        load_stable_diffusion(weights, local_files_only=True)

@@ -322,3 +322,20 @@ def test_bad_configs_and_files_give_clear_errors(tmp_path):
         read_results(bad)
     with pytest.raises(DataError, match="no results yet"):
         write_report(tmp_path / "missing.csv", tmp_path / "r.md")
+
+
+def test_a_results_file_with_a_cut_last_row_names_the_line_and_what_to_do(tmp_path):
+    path = _synthetic(tmp_path)
+    text = path.read_text()
+    lines = text.splitlines()
+    path.write_text(text[: len(text) - len(lines[-1]) // 2 - 1])  # an interrupted copy: half of the last row
+    with pytest.raises(DataError, match=rf"synthetic.csv, line {len(lines)}: \d+ fields where the header has "
+                                        rf"{len(SCHEMA)} \(it is cut short: the file ends there\)\. Delete that line "
+                                        r"\(the study runs that run again when resumed\)"):
+        read_results(path)
+    # a value that is not a number is named by line and column, not by pandas' position in the column
+    lines[2] = lines[2].replace(",10,", ",ten,", 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"synthetic.csv, line 3: column '\w+' holds 'ten', not an integer\. Fix or "
+                                        r"delete that line"):
+        read_results(path)

@@ -128,3 +128,56 @@ def test_a_nan_loss_raises_with_the_partial_history_and_the_last_good_weights(ti
     assert method.optimizer.detached
     changed = [k for k, v in tiny_pipe.unet.state_dict().items() if not torch.equal(v, snapshot[k]) and k != "conv_out.bias"]
     assert changed == []  # no update was applied at the step whose loss was NaN
+
+
+def test_weights_non_finite_before_training_are_blamed_not_the_learning_rate(tiny_pipe):
+    from sara_edu.errors import CheckpointError
+
+    with torch.no_grad():
+        tiny_pipe.unet.conv_out.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"before any training step, 1 NaN or infinite values in 1 tensor: "
+                                              r"conv_out.weight \(1 of 864\)\. Lowering the learning rate will "
+                                              r"not help.*Reload the model") as caught:
+        train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), steps=2, batch_size=4, progress=False)
+    assert "lower the learning" not in str(caught.value)
+
+
+def test_a_method_that_leaves_nothing_on_the_forward_path_gets_a_clear_error(tiny_pipe):
+    class OutsideTheModel(TrainingMethod):
+        name = "outside"
+
+        def build_optimizer(self, unet, *, lr, weight_decay, total_steps, betas=(0.9, 0.999)):
+            unet.requires_grad_(False)
+            return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=lr)
+
+    with pytest.raises(ConfigError, match=r"the loss depends on no trainable parameter at step 1: method 'outside'"):
+        train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), OutsideTheModel(), steps=2, batch_size=4,
+              progress=False)
+
+
+def test_when_progressive_adjustment_freezes_every_entry_the_run_says_so_and_keeps_its_steps(tiny_pipe):
+    from sara_edu.training import SaRA
+
+    with torch.no_grad():
+        tiny_pipe.unet.conv_out.weight.view(-1)[:3] = 1e-12  # three tiny weights: the first update moves them past θ
+    method = SaRA(threshold=1e-10, fraction=None, progressive_iter=1)
+    with pytest.raises(ConfigError, match=r"nothing trains any more at step 2: progressive adjustment froze every "
+                                          r"trained entry .*progressive_iter=None") as caught:
+        train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), method, steps=3, batch_size=4,
+              progress=False)
+    assert caught.value.history.step.tolist() == [1] and method.optimizer.detached
+
+
+@pytest.mark.parametrize("device,msg", [
+    ("cuda", r"device='cuda' asks for a GPU, but (this torch is built without CUDA|no CUDA GPU is visible): pass "
+             r"device='cpu' or None"),
+    ("cuda:0", r"device='cuda:0' asks for a GPU"),
+    ("gpu", r"device='gpu' is not a device torch knows .*pass device='cpu', 'cuda', 'cuda:N' or None"),
+    (3.5, r"device=3.5 is not a device torch knows"),
+])
+def test_a_device_this_machine_lacks_is_named_with_what_to_pass(tiny_pipe, monkeypatch, device, msg):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    with pytest.raises(ConfigError, match=msg):
+        train(tiny_pipe, StyleDataset(None, digits=[3], limit_per_digit=4), steps=1, batch_size=4, progress=False,
+              device=device)
+    assert next(tiny_pipe.unet.parameters()).device.type == "cpu"

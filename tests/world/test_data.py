@@ -114,3 +114,10 @@ def test_prior_preservation_mixes_plain_digits_into_a_style_set():
     for bad in (0, -1, float("nan"), "half", True):
         with pytest.raises(DataError, match="fraction"):
             with_plain_prompts(style, fraction=bad)
+
+
+def test_a_file_given_as_the_image_folder_is_told_it_is_a_file(tmp_path):
+    folder = export_image_folder(StyleDataset("cyberpunk", digits=[1], limit_per_digit=1), tmp_path / "style")
+    with pytest.raises(DataError, match=r"metadata.jsonl is a file, expected a folder holding the images and a "
+                                        r"metadata.jsonl: pass its folder \(\S+style\)"):
+        ImageFolderDataset(folder / "metadata.jsonl")

@@ -64,3 +64,40 @@ def test_missing_corrupt_and_mismatched_checkpoints(tmp_path, tiny_pipe):
     (tmp_path / "other" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid"):
         load_pretrained(tmp_path / "other")
+
+
+def _damage(path, n_bytes=1000):
+    """What a bad disk or copy does: the last ``n_bytes`` of the file (the tensor data) set to 0xFF."""
+    data = bytearray(path.read_bytes())
+    data[-n_bytes:] = b"\xff" * n_bytes
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_weights_file_is_refused_naming_the_file_the_count_and_the_tensor(tmp_path, tiny_pipe):
+    folder = save_pretrained(tiny_pipe, tmp_path / "m")
+    _damage(folder / "unet.safetensors")  # 1000 bytes of 0xFF: 250 float32 NaN, the header still valid
+    with pytest.raises(CheckpointError, match=r"unet\.safetensors holds 250 NaN or infinite values in 1 tensor: "
+                                              r"\S+ \(250 of [\d,]+\)\. The file is damaged.*re-create it"):
+        load_pretrained(folder)
+    folder = save_pretrained(tiny_pipe, tmp_path / "m2")
+    _damage(folder / "text_encoder.safetensors", 8)
+    with pytest.raises(CheckpointError, match=r"text_encoder\.safetensors holds 2 NaN"):
+        load_pretrained(folder)
+
+
+def test_save_pretrained_refuses_non_finite_weights_and_keeps_the_saved_files(tmp_path, tiny_pipe):
+    folder = save_pretrained(tiny_pipe, tmp_path / "m")
+    before = (folder / "unet.safetensors").read_bytes()
+    with torch.no_grad():
+        tiny_pipe.unet.conv_in.weight[0, 0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+        tiny_pipe.text_encoder.token.weight[1, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"refuses to write .*m: the model holds 3 NaN or infinite values "
+                                              r"in 2 tensors: conv_in.weight \(2 of 864\), text_encoder.token.weight \(1 of"):
+        save_pretrained(tiny_pipe, folder)
+    assert (folder / "unet.safetensors").read_bytes() == before
+
+
+def test_a_file_given_as_the_model_folder_is_told_it_is_a_file(tmp_path, tiny_pipe):
+    folder = save_pretrained(tiny_pipe, tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"unet.safetensors is a file, expected the model's folder .*pass \S+m "):
+        load_pretrained(folder / "unet.safetensors")

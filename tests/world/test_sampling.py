@@ -126,3 +126,21 @@ def test_lesson_samplers_pass_the_checks_on(tiny_pipe, kwargs, msg):
         sample_figure(tiny_pipe, digits=[1], **kwargs)
     with pytest.raises(ConfigError, match=msg):
         side_by_side({"pretrained": tiny_pipe}, "a digit 1", n=1, **kwargs)
+
+
+def test_non_finite_text_encoder_weights_are_named_too(tiny_pipe):
+    with torch.no_grad():
+        tiny_pipe.text_encoder.position.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"not finite: text_encoder.position.weight \(1 of [\d,]+\).*"
+                                                 r"damaged model file"):
+        generate(tiny_pipe, ["a digit 1"], steps=1)
+
+
+def test_finite_float32_weights_that_overflow_are_not_told_to_sample_in_float32(tiny_pipe):
+    with torch.no_grad():
+        tiny_pipe.unet.conv_out.weight.fill_(3e38)  # finite, but the sums overflow to inf
+    with pytest.raises(FloatingPointError) as caught:
+        generate(tiny_pipe, ["a digit 1"], steps=1)
+    message = str(caught.value)
+    assert "already" not in message and "float32 (pipe.unet.float())" not in message
+    assert "largest |w| is 3e+38 (in conv_out.weight)" in message and "lower lr" in message
