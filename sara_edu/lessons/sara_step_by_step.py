@@ -330,8 +330,9 @@ def state_bytes_table(pipe, dataset, *, options: dict | None = None, fraction: f
     the same seed and batches. Columns, per trained entry in bytes (counted from
     the optimizer's tensors after step 1, see :func:`sara_edu.sara.footprint.state_bytes`):
     ``values``, ``positions``, ``moments``, ``initial`` (starting values the
-    nuclear-norm term needs in 2-D weights) and ``total``; then ``state (MB)``
-    for this model, ``update vs first (%)``: ``‖W − W_first‖ / ‖W_first − W₀‖``
+    nuclear-norm term needs in 2-D weights) and ``total`` (their sum); then
+    ``state (MB)`` for this model (all of the optimizer's state, with the
+    positions of frozen entries), ``update vs first (%)``: ``‖W − W_first‖ / ‖W_first − W₀‖``
     after ``steps`` steps (0 = the same weights), and ``final loss`` (mean of the last 5 steps).
     """
     import copy
@@ -360,8 +361,11 @@ def state_bytes_table(pipe, dataset, *, options: dict | None = None, fraction: f
                         batch_size=batch_size, seed=seed, progress=False, callback=count)
         weights[label] = torch.cat([p.detach().reshape(-1).cpu() for p in work.unet.parameters()])
         n = counted["trained entries"]
+        # "total" is the four parts of the entries training now; positions of entries that progressive
+        # adjustment froze (if it ran by step 1) are bytes of the model's state, counted in "state (MB)" only.
         rows.append({"option": label, **{part: counted[part] / n for part in ("values", "positions", "moments",
-                                                                               "initial", "total")},
+                                                                               "initial")},
+                     "total": counted["bytes per entry"],
                      "state (MB)": counted["total"] / MB, "final loss": float(history.loss.tail(5).mean())})
     first = next(iter(weights.values()))
     update = float((first - before).norm())

@@ -207,7 +207,7 @@ def load_stable_diffusion(model_id_or_path: str = SD15_ID, device=None, dtype: t
         raise CheckpointError(
             f"could not load Stable Diffusion from {folder} ({type(e).__name__}: {str(e)[:300]}). "
             f"{_DOWNLOAD_HINT.format(id=model_id_or_path)}") from e
-    from ..world.model import check_finite_weights
+    from ..training.finite import check_finite_weights
 
     for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         check_finite_weights(module.named_parameters(), f"the {part} weights in {folder / part} hold",

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from ..errors import ConfigError, DataError
+from .finite import check_finite_weights, pipe_parameters
 from .method import FullFineTuning, TrainingMethod
 
 HISTORY_COLUMNS = ["step", "loss", "lr", "step_time_s", "peak_memory_mb"]
@@ -102,8 +103,6 @@ def _check_weights_dtype(unet) -> None:
 
 def _check_weights_finite(pipe) -> None:
     """NaN or inf weights before the first step make every loss NaN whatever the learning rate: say so first."""
-    from ..world.model import check_finite_weights, pipe_parameters
-
     check_finite_weights(pipe_parameters(pipe), "the model's weights hold, before any training step,",
                          "Lowering the learning rate will not help: they come from a damaged model file or an "
                          "earlier diverged run. Reload the model (load_pretrained() or load_stable_diffusion(); "

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..io import describe_mismatch, load_tensors, save_tensors
+from ..training.finite import check_finite_weights, listed_non_finite, non_finite_tensors, pipe_parameters
 from .config_file import check_config, read_config
 from .paths import PRETRAINED_DIR, check_data_dir
 from .text import EMBED_DIM, TinyTextEncoder
@@ -87,49 +88,6 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], s
                          "regenerates the shipped files, save_pretrained a healthy model) or restore it from git.")
     with torch.no_grad():
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def non_finite_tensors(named) -> list[tuple[str, int, int]]:
-    """``(name, non-finite count, size)`` of each floating-point tensor of ``(name, tensor)`` pairs with NaN or inf."""
-    bad = []
-    for name, t in named:
-        if t.is_floating_point():
-            n = int((~torch.isfinite(t.detach())).sum())
-            if n:
-                bad.append((name, n, t.numel()))
-    return bad
-
-
-def _listed(bad) -> str:
-    more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
-    return ", ".join(f"{name} ({n:,} of {size:,})" for name, n, size in bad[:3]) + more
-
-
-def check_finite_weights(named, what: str, remedy: str) -> None:
-    """Raise :class:`CheckpointError` ``"{what} N NaN or infinite values in ...: {remedy}"`` if a tensor holds one.
-
-    NaN or inf weights never turn finite again: everything computed from them is NaN,
-    so they are refused where they enter (loading, training, saving).
-    """
-    bad = non_finite_tensors(named)
-    if bad:
-        raise CheckpointError(f"{what} {sum(n for _, n, _ in bad):,} NaN or infinite values in {len(bad)} "
-                              f"tensor{'s' if len(bad) > 1 else ''}: {_listed(bad)}. {remedy}")
-
-
-def pipe_parameters(pipe) -> list[tuple[str, torch.Tensor]]:
-    """Named parameters of a pipeline's networks: the UNet's as they are, the frozen parts' prefixed.
-
-    ``pipe`` may also be a single module.
-    """
-    if isinstance(pipe, nn.Module):
-        return list(pipe.named_parameters())
-    named = list(pipe.unet.named_parameters())
-    for part in ("text_encoder", "vae"):
-        module = getattr(pipe, part, None)
-        if isinstance(module, nn.Module):
-            named += [(f"{part}.{n}", p) for n, p in module.named_parameters()]
-    return named
 
 
 def save_pretrained(pipe: TinyDiffusion, folder, metadata: dict | None = None) -> Path:
@@ -269,7 +227,7 @@ def non_finite_report(pipe, if_half: str = "sample in float32 (pipe.unet.float()
     named = pipe_parameters(pipe)
     bad = non_finite_tensors(named)
     if bad:
-        return (f"The model's weights are not finite: {_listed(bad)}. A damaged model file or a diverged training "
+        return (f"The model's weights are not finite: {listed_non_finite(bad)}. A damaged model file or a diverged training "
                 "run leaves such weights: reload the model (load_pretrained(), load_stable_diffusion(), or "
                 "re-create / re-download its files); if your training run produced them, train again with a "
                 "lower lr.")
