@@ -30,3 +30,17 @@ def tiny_pipe():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def launched_rank(monkeypatch):
+    """This process as one rank of a 2-process launch, before ``init_process_group``: a fresh torchrun process.
+
+    ``WORLD_SIZE=2``, and no Accelerate state: an Accelerator an earlier test created in this process
+    (``train()`` makes one, as ``DistributedType.NO``) would otherwise look like this launch's own.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(PartialState, "_shared_state", {})
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})

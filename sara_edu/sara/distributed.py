@@ -63,7 +63,13 @@ Requirements and refusals (never silently wrong):
 * every rank attaches to the same weights with the same settings; the first
   synchronisation checks it (``ConfigError`` if not), and every rank runs the
   same number of backward passes (as with DDP);
-* ``SaRAAdamW(ddp_model)`` (attaching *after* wrapping) raises ``ConfigError``;
+* ``SaRAAdamW(ddp_model)`` (attaching *after* wrapping) raises ``ConfigError``, and so
+  does the first forward pass through a DDP wrapper built before SaRA attached, or
+  wrapping a parent of the module SaRA attached to (DDP would reduce SaRA's weights);
+  tied weights are fine (every name of a trained weight is on DDP's ignore list);
+* ``WORLD_SIZE > 1`` while Accelerate says ``DistributedType.NO`` (``torchrun`` on a
+  machine without GPUs and without ``ACCELERATE_USE_CPU=true``: the data would not be
+  sharded) raises at attach and at every step;
 * FSDP, DeepSpeed (ZeRO), Megatron-LM and XLA shard or replace the weights and
   the optimizer SaRA trains in place: ``ConfigError`` at attach or first step;
 * ``WORLD_SIZE > 1`` without an initialised process group raises at the first
@@ -76,6 +82,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -114,11 +121,34 @@ def distributed_run() -> bool:
 
 
 def _accelerate_distributed_type() -> str | None:
-    """Accelerate's distributed type if the user's script created an Accelerator (never imports accelerate)."""
+    """Accelerate's distributed type if the script created an Accelerator or a PartialState (never imports it)."""
     state = sys.modules.get("accelerate.state")
-    shared = getattr(getattr(state, "AcceleratorState", None), "_shared_state", None) or {}
-    kind = shared.get("distributed_type")
-    return None if kind is None else str(getattr(kind, "value", kind)).upper()
+    for holder in ("AcceleratorState", "PartialState"):
+        shared = getattr(getattr(state, holder, None), "_shared_state", None) or {}
+        kind = shared.get("distributed_type")
+        if kind is not None:
+            return str(getattr(kind, "value", kind)).upper()
+    return None
+
+
+def _check_accelerate_shards_data() -> None:
+    """Refuse one process of several that Accelerate runs as ``DistributedType.NO``.
+
+    On a machine without GPUs, ``torchrun`` or ``accelerate launch --multi_gpu``
+    start N processes, but Accelerate sets up a process group only when told to
+    use the CPU; otherwise each process is ``DistributedType.NO``: ``prepare``
+    neither shards the data loader nor wraps the model, and N processes train N
+    copies on the same data (with SaRA also averaging their gradients if the
+    script made a group itself). Nothing about the result would look wrong.
+    """
+    processes = max(launched_world_size(), world_size())
+    if processes > 1 and _accelerate_distributed_type() == "NO":
+        raise ConfigError(
+            f"this is one of {processes} processes (WORLD_SIZE={os.environ.get('WORLD_SIZE', processes)}), but "
+            "Accelerate runs it as DistributedType.NO: accelerator.prepare(...) neither shards the data nor "
+            "wraps the model, so every process would train on all the data. On a machine without GPUs, set "
+            "ACCELERATE_USE_CPU=true in the environment of the launch (or create Accelerator(cpu=True)); "
+            "otherwise launch a single process.")
 
 
 def check_supported_setup(model: nn.Module, what: str = "SaRAAdamW") -> None:
@@ -130,6 +160,7 @@ def check_supported_setup(model: nn.Module, what: str = "SaRAAdamW") -> None:
             "buckets for every weight (and would average SaRA's freed gradients as zeros). Create the optimizer on "
             f"the bare model first, then wrap: optimizer = {what}(model, ...); ddp_model = "
             "DistributedDataParallel(model). With Accelerate, create it before accelerator.prepare(...).")
+    _check_accelerate_shards_data()
     kind = _accelerate_distributed_type()
     if kind in _UNSUPPORTED_TYPES:
         raise ConfigError(
@@ -154,6 +185,7 @@ def check_runtime(model: nn.Module | None, slots) -> None:
     if kind in _UNSUPPORTED_TYPES:
         raise ConfigError(f"SaRAAdamW does not support Accelerate's distributed_type={kind} (it shards or replaces "
                           "the weights SaRA trains in place); use plain data parallelism (--multi_gpu)")
+    _check_accelerate_shards_data()
     if launched_world_size() > 1 and world_size() == 1:
         raise ConfigError(
             f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but torch.distributed is not initialised: each process "
@@ -198,9 +230,14 @@ class DDPCompanion:
     def __init__(self, model: nn.Module, trained_names, sync):
         trained = set(trained_names)
         self.model_dict = model.__dict__
+        self.model_ref = weakref.ref(model)
+        self.trained_ids = {id(p) for n, p in model.named_parameters() if n in trained}
+        # A tied weight has several names; DDP builds its buckets from every one of them, so ignore them all.
+        every_name = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in self.trained_ids]
         current = list(model.__dict__.get(_IGNORE_ATTR) or [])
-        self.added = [n for n in trained_names if n not in current]
+        self.added = [n for n in every_name if n not in current]
         model.__dict__[_IGNORE_ATTR] = current + self.added
+        self.checked = set()  # ids of the DDP wrappers already checked
         spare = [(p.numel(), n, p) for n, p in model.named_parameters() if n not in trained]
         self.anchor = min(spare, key=lambda t: t[:2])[2] if spare else None
         self.keep_anchor()
@@ -214,9 +251,44 @@ class DDPCompanion:
 
     def _before_forward(self, module, args):
         self.sync.ddp = _active_ddp_wrapper()
+        if self.sync.ddp is not None and id(self.sync.ddp) not in self.checked:
+            self._check_wrapper(self.sync.ddp)
+            self.checked.add(id(self.sync.ddp))
         if self.anchor is not None and torch.is_grad_enabled():
             self.anchor.requires_grad_(False)  # DDP is built by now; it must never wait for this gradient
             self.anchor = None
+
+    def _check_wrapper(self, ddp) -> None:
+        """Refuse, at the first forward pass, a DDP wrapper whose reducer would average SaRA's weights.
+
+        DDP reads the names to leave alone once, when it is built, and only from
+        the module it wraps: wrapped before SaRA attached, or wrapping a parent of
+        the module SaRA attached to, it holds dense buckets for SaRA's weights and
+        its backward would fail on their :class:`SelectedGrad` deep in its reducer.
+        """
+        reduced = [n for n, p in ddp.module.named_parameters(remove_duplicate=False)
+                   if id(p) in self.trained_ids and n not in ddp.parameters_to_ignore]
+        if not reduced:
+            return
+        model = self.model_ref()
+        inside = [n for n, m in ddp.module.named_modules() if m is model]
+        if ddp.module is model:
+            cause = "DistributedDataParallel wrapped this model before SaRAAdamW attached to it"
+            fix = ("Create the optimizer on the bare model first, then wrap: optimizer = SaRAAdamW(model, ...); "
+                   "ddp_model = DistributedDataParallel(model) (with Accelerate: before accelerator.prepare(...))")
+        elif inside:
+            cause = (f"DistributedDataParallel wraps a {type(ddp.module).__name__} that contains the module SaRA "
+                     f"attached to (at {inside[0]!r}); DDP reads the weights to leave alone only from the module "
+                     "it wraps")
+            fix = (f"Wrap the module SaRA attached to (DistributedDataParallel(parent.{inside[0]})), or attach "
+                   "SaRAAdamW to the module you wrap, before wrapping it")
+        else:
+            cause = "DistributedDataParallel wraps only part of the model SaRA attached to"
+            fix = "Attach SaRAAdamW to the module you wrap, before wrapping it"
+        more = f" and {len(reduced) - 3} more" if len(reduced) > 3 else ""
+        raise ConfigError(
+            f"{cause}: its reducer would average SaRA's trained weights ({', '.join(reduced[:3])}{more}) as dense "
+            f"gradients, which SaRA never creates (each one's .grad is a SelectedGrad). {fix}.")
 
     def remove(self) -> None:
         self.handle.remove()

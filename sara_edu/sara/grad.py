@@ -104,7 +104,17 @@ def _unsupported(func, args) -> str:
             f"{func.overloadpacket.__name__} is not supported on it. Supported: norms and "
             "clip_grad_norm_/clip_grad_value_, in-place scaling (mul_, div_), clamp_, zero_ and zero_grad(). "
             "For a dense copy use p.grad.to_dense(); the optimizer's own gradients are "
-            "[v.grad for v in optimizer.param_groups[0]['params']].")
+            "[v.grad for v in optimizer.param_groups[0]['params']]." + _ddp_hint())
+
+
+def _ddp_hint() -> str:
+    """On several processes the likely caller is DistributedDataParallel's reducer: say how that happens."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ""
+    return (" On several processes this usually comes from DistributedDataParallel reducing SaRA's weight as a "
+            "dense gradient: create SaRAAdamW on the bare model before wrapping it, and wrap that same module "
+            "(not a parent of it).")
 
 
 def _as_entries(other, g: SelectedGrad):

@@ -65,7 +65,7 @@ def _check(steps, lr, batch_size, warmup_steps, max_grad_norm, cond_dropout, mix
     if not _integer(steps) or steps < 1:
         problems.append(f"steps must be a positive integer, got {steps!r}")
     if not (_number(lr) and lr > 0):
-        problems.append(f"learning rate must be a positive number, got {lr!r}")
+        problems.append(f"lr (the learning rate) must be a positive number, e.g. 1e-4, got {lr!r}")
     if not _integer(batch_size) or batch_size < 1:
         problems.append(f"batch_size must be a positive integer, got {batch_size!r}")
     if not _integer(warmup_steps) or warmup_steps < 0 or (_integer(steps) and warmup_steps >= max(steps, 1) and steps > 1):

@@ -126,6 +126,37 @@ def test_ddp_never_holds_sara_weights_and_only_selected_values_travel(ddp_runs):
                                                                  "different weights")
 
 
+def test_ddp_misuse_is_refused_at_the_first_forward_pass_with_what_to_do(ddp_runs):
+    for rank in ("rank0", "rank1"):
+        facts = ddp_runs[rank][1]
+        before = facts["wrapped_before_attaching"]
+        assert before.startswith("ConfigError: DistributedDataParallel wrapped this model before SaRAAdamW attached")
+        assert "Create the optimizer on the bare model first, then wrap" in before and "SelectedGrad" in before
+        parent = facts["sara_on_a_submodule"]
+        assert parent.startswith("ConfigError: DistributedDataParallel wraps a Parent that contains the module SaRA "
+                                 "attached to (at 'inner')")
+        assert "DistributedDataParallel(parent.inner)" in parent
+
+
+def test_tied_weights_train_under_ddp_like_one_process(ddp_runs):
+    (single, _), (r0, facts0), (r1, _) = ddp_runs["single"], ddp_runs["rank0"], ddp_runs["rank1"]
+    assert int(single["tied/selected_in_a"]) > 10  # SaRA trains the tied matrix
+    assert {"a.weight", "b.weight"} <= set(facts0["tied_ignored"])  # both names of the tied matrix
+    assert torch.equal(r0["tied/final"], r1["tied/final"])
+    update = _max_diff(single["tied/final"], single["tied/initial"])
+    assert update > 1e-3 and torch.equal(r0["tied/initial"], single["tied/initial"])
+    assert _max_diff(r0["tied/final"], single["tied/final"]) < TOLERANCE * max(update, 1.0)
+
+
+def test_accelerate_that_does_not_shard_the_data_is_refused_and_names_the_variable(ddp_runs):
+    for rank in ("rank0", "rank1"):
+        facts = ddp_runs[rank][1]
+        assert facts["accelerate_type"] == "DistributedType.NO"  # what accelerate does on CPU without the variable
+        error = facts["accelerate_not_distributed"]
+        assert error.startswith("ConfigError: this is one of 2 processes") and "DistributedType.NO" in error
+        assert "ACCELERATE_USE_CPU=true" in error
+
+
 # ----------------------------------------------------------------- accelerate launch, the diffusers loop
 
 

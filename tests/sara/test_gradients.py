@@ -305,8 +305,7 @@ def test_replaced_weights_and_sharded_parameters_are_refused():
         SaRAAdamW(zero3, lr=1e-3, fraction=0.5)
 
 
-def test_on_several_processes_ddp_is_kept_away_and_detach_cleans_up(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, before init_process_group
+def test_on_several_processes_ddp_is_kept_away_and_detach_cleans_up(launched_rank):
     model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 2))
     opt = SaRAAdamW(model, lr=1e-3, fraction=0.3)
     trained = [s.name for s in opt.slots if s.idx.numel()]
@@ -341,10 +340,10 @@ def test_a_deleted_optimizer_is_freed_although_its_gradients_were_used():
     assert ref() is None  # the hooks on the weights hold no reference to it
 
 
-def test_a_lone_process_of_a_multi_process_launch_refuses_to_train(monkeypatch):
+def test_a_lone_process_of_a_multi_process_launch_refuses_to_train(monkeypatch, request):
     model = nn.Linear(6, 2)
     opt = SaRAAdamW(model, lr=1e-3, fraction=0.5)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    request.getfixturevalue("launched_rank")  # the launch's WORLD_SIZE appears only after attaching
     model(torch.randn(2, 6)).sum().backward()
     with pytest.raises(ConfigError, match="WORLD_SIZE=2.*init_process_group"):
         opt.step()

@@ -5,8 +5,10 @@ with SaRA (progressive adjustment that empties a weight, nuclear norm, gradient
 accumulation, clipping through ``model.parameters()``, zeroing through the
 optimizer and through the model), each rank on its half of every global batch:
 once wrapped in DistributedDataParallel (accumulating in ``ddp.no_sync()``),
-once bare (``optimizer.no_sync()``), and once resumed mid-run from
-``state_dict``. Without torchrun the same script is the one-process reference
+once bare (``optimizer.no_sync()``), once resumed mid-run from
+``state_dict``, and once with tied weights. It also records the errors of
+misuse: attaching after wrapping, DDP on a parent of SaRA's module, and an
+Accelerate that runs each process as ``DistributedType.NO``. Without torchrun the same script is the one-process reference
 on the whole batch. Writes ``OUT/{rank{r}|single}.safetensors`` (weights after
 every step) and a JSON of facts.
 """
@@ -76,6 +78,14 @@ def train(model, opt, steps, rank, world, record=None, norms=None, prefix="", ne
             norms.append(float(norm))
 
 
+def _error_of(run) -> str:
+    try:
+        run()
+        return "no error"
+    except Exception as e:  # noqa: BLE001 (recorded for the test)
+        return f"{type(e).__name__}: {e}"
+
+
 def clip_inside_no_sync(world):
     """A norm of gradients not yet averaged across processes must refuse (each rank would clip differently)."""
     if world == 1:
@@ -84,11 +94,7 @@ def clip_inside_no_sync(world):
     x, y = batch(0, 0, dist.get_rank(), world)
     with opt.no_sync():
         nn.functional.mse_loss(model(x), y).backward()
-    try:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        return "no error"
-    except Exception as e:  # noqa: BLE001 (recorded for the test)
-        return f"{type(e).__name__}: {e}"
+    return _error_of(lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
 
 
 def different_weights(world):
@@ -100,11 +106,7 @@ def different_weights(world):
         with torch.no_grad():
             model.norm.weight.add_(1e-3)  # a frozen weight: the selection is the same, the model is not
     x, y = batch(0, 0, dist.get_rank(), world)
-    try:
-        nn.functional.mse_loss(model(x), y).backward()
-        return "no error"
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
+    return _error_of(lambda: nn.functional.mse_loss(model(x), y).backward())
 
 
 def attach_after_wrapping(world):
@@ -112,11 +114,85 @@ def attach_after_wrapping(world):
     if world == 1:
         return "single process"
     torch.manual_seed(0)
-    try:
-        SaRAAdamW(DDP(Tiny()), lr=1e-2, fraction=0.3)
-        return "no error"
-    except Exception as e:  # noqa: BLE001 (recorded for the test)
-        return f"{type(e).__name__}: {e}"
+    return _error_of(lambda: SaRAAdamW(DDP(Tiny()), lr=1e-2, fraction=0.3))
+
+
+def wrapped_before_attaching(world):
+    """DDP built on the bare model, then SaRA attached to it: DDP's buckets hold SaRA's weights."""
+    if world == 1:
+        return "single process"
+    torch.manual_seed(0)
+    model = Tiny()
+    ddp = DDP(model)
+    _opt = SaRAAdamW(model, lr=1e-2, fraction=0.3)
+    x, y = batch(0, 0, dist.get_rank(), world)
+    return _error_of(lambda: nn.functional.mse_loss(ddp(x), y).backward())
+
+
+class Parent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Tiny()
+        self.head = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def sara_on_a_submodule(world):
+    """SaRA attached to a submodule, DDP wrapping its parent: DDP reads the ignore list of the parent only."""
+    if world == 1:
+        return "single process"
+    torch.manual_seed(0)
+    parent = Parent()
+    _opt = SaRAAdamW(parent.inner, lr=1e-2, fraction=0.3)
+    ddp = DDP(parent)
+    x, y = batch(0, 0, dist.get_rank(), world)
+    return _error_of(lambda: nn.functional.mse_loss(ddp(x), y).backward())
+
+
+class Tied(nn.Module):
+    """Tiny with a tied pair of matrices: one Parameter under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)  # weight 1: nothing selected, so DDP has an anchor to build on
+        self.lin1 = nn.Linear(8 * 36, 32)
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        self.b.weight = self.a.weight
+        self.lin2 = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.lin1(self.norm(torch.nn.functional.silu(self.conv(x))).flatten(1)))
+        return self.lin2(self.b(torch.nn.functional.silu(self.a(h))))
+
+
+def tied_weights(world, rank, record):
+    """Tied weights with SaRA, then DDP: trains, and 2 processes equal 1 (every alias is on DDP's ignore list)."""
+    torch.manual_seed(0)
+    model = Tied()
+    opt = SaRAAdamW(model, lr=3e-2, fraction=0.3, seed=3)
+    record["tied/initial"] = flat(model)
+    record["tied/selected_in_a"] = torch.tensor(sum(s.count for s in opt.slots if s.name == "a.weight"))
+    net = DDP(model) if world > 1 else model
+    train(model, opt, range(3), rank, world, net=net)
+    record["tied/final"] = flat(model)
+    return [n for n in getattr(net, "parameters_to_ignore", ())]
+
+
+def accelerate_not_distributed(world):
+    """Accelerate without GPUs and without ACCELERATE_USE_CPU: each of the processes is DistributedType.NO."""
+    if world == 1:
+        return "single process", None
+    from accelerate import Accelerator
+
+    os.environ.pop("ACCELERATE_USE_CPU", None)
+    accelerator = Accelerator()
+    kind = str(accelerator.distributed_type)
+    torch.manual_seed(0)
+    return _error_of(lambda: SaRAAdamW(Tiny(), lr=1e-2, fraction=0.3)), kind
 
 
 def main(out_dir):
@@ -161,6 +237,10 @@ def main(out_dir):
     facts["attach_after_wrapping"] = attach_after_wrapping(world)
     facts["clip_inside_no_sync"] = clip_inside_no_sync(world)
     facts["different_weights"] = different_weights(world)
+    facts["wrapped_before_attaching"] = wrapped_before_attaching(world)
+    facts["sara_on_a_submodule"] = sara_on_a_submodule(world)
+    facts["tied_ignored"] = tied_weights(world, rank, record)
+    facts["accelerate_not_distributed"], facts["accelerate_type"] = accelerate_not_distributed(world)
     name = f"rank{rank}" if world > 1 else "single"
     save_file(record, os.path.join(out_dir, f"{name}.safetensors"))
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
