@@ -7,19 +7,19 @@
 #
 #   --load N          N `yes > /dev/null` processes run for the whole measurement (the issue-22 load: 2 on 2 cores)
 #   --rev REV         the commit to clone (default HEAD; commit first: the clone holds only committed work)
-#   --pytest-args A   passed to `make test` as PYTEST_ARGS (e.g. "-n 0" for one worker)
+#   --pytest-args A   passed to `make test` as PYTEST_ARGS (default: the Makefile's, "-n 2"; "-n 0" is serial)
 #
 # Why CPU time: on a shared machine wall time says how busy the machine was; CPU time says what the suite spent,
 # and it is what grows when threads spin-wait for cores that other processes hold.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-load=0 rev=HEAD label="" pytest_args=""
+load=0 rev=HEAD label="" pytest_args="" have_args=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --load) load=$2; shift 2 ;;
         --rev) rev=$2; shift 2 ;;
         --label) label=$2; shift 2 ;;
-        --pytest-args) pytest_args=$2; shift 2 ;;
+        --pytest-args) pytest_args=$2; have_args=1; shift 2 ;;
         *) echo "suite_cost.sh: unknown argument '$1' (see the usage at the top of this file)" >&2; exit 2 ;;
     esac
 done
@@ -37,10 +37,13 @@ for _ in $(seq 1 "$load"); do yes > /dev/null & pids+=($!); done
 log="$work/time.log"
 start_load=$(cut -d' ' -f1 /proc/loadavg)
 set +e
-(cd "$work/main" && /usr/bin/time -v -o "$log" make test PYTEST_ARGS="$pytest_args" > "$work/test.log" 2>&1)
+# Without --pytest-args the Makefile's own default runs (what CI runs).
+if [ "$have_args" = 1 ]; then set -- PYTEST_ARGS="$pytest_args"; else set --; fi
+(cd "$work/main" && /usr/bin/time -v -o "$log" make test "$@" > "$work/test.log" 2>&1)
 status=$?
 set -e
 end_load=$(cut -d' ' -f1 /proc/loadavg)
+[ "$have_args" = 1 ] || pytest_args="Makefile default: $(sed -n 's/^PYTEST_ARGS ?= *//p' "$work/main/Makefile")"
 cleanup
 pids=()
 

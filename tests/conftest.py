@@ -4,7 +4,8 @@ Why one thread: with torch's default of one OpenMP thread per core, every test p
 subprocess spins its threads while other processes hold the cores, and a suite that costs 8.8 CPU-min on a quiet
 2-core box cost 29.9 CPU-min at load ~10. Set before torch is imported, the variables also reach everything the
 tests start (kernels, torchrun ranks, the README's blocks), which inherit this environment. Set
-``SARA_EDU_TEST_THREADS`` to use more threads, or pass ``-n 2`` (pytest-xdist) for parallel processes.
+``SARA_EDU_TEST_THREADS`` to use more threads. The parallelism comes from processes instead: ``make test``
+runs two pytest-xdist workers (``-n 2``; ``PYTEST_ARGS="-n 0"`` runs serially).
 """
 import os
 
