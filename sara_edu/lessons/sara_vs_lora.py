@@ -200,7 +200,8 @@ def paper_claims() -> pd.DataFrame:
     :class:`DataError` saying where to find the table.
     """
     from ..study.config import FULL
-    from ..study.report import CLAIMS_COLUMNS, claims_rows, load_study
+    from ..study.claims import CLAIMS_COLUMNS, claims_rows
+    from ..study.select import load_study
     from ..world.paths import REPO_ROOT
 
     csv = REPO_ROOT / "reports" / "study_results.csv"

@@ -28,9 +28,46 @@ def test_no_chosen_rate_sits_on_the_edge_of_what_was_tried(results):
 
 
 def test_full_fine_tuning_learns_every_style_in_the_budget(results):
-    from sara_edu.study.report import LEARNED_AGREEMENT, learned_styles
+    from sara_edu.study.select import LEARNED_AGREEMENT, learned_styles
 
     learned = learned_styles(results[results.study == FULL.name])
     assert set(learned) == set(FULL.styles)
     assert LEARNED_AGREEMENT == 0.8  # the issue's bar
     assert min(learned.values()) >= LEARNED_AGREEMENT, learned
+
+
+def test_the_committed_report_is_what_the_committed_code_makes_of_the_committed_csv(results, tmp_path):
+    """reports/study.md regenerated now equals the committed one: its verdicts follow the current rules."""
+    from sara_edu.study.report import write_report
+
+    committed = (REPO_ROOT / "reports" / "study.md").read_text()
+    out = write_report(CSV, tmp_path / "reports" / "study.md", study=FULL.name, root=REPO_ROOT)
+    fresh = out.read_text().replace(f"`{CSV}`", "`reports/study_results.csv`")
+    assert fresh.splitlines() == committed.splitlines()
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """Every 'mean ± spread' in ``text``, as written (unicode minus made ASCII)."""
+    import re
+
+    return re.findall(r"([+-]?\d[\d,]*\.?\d*(?:e-?\d+)?) ± (\d[\d,]*\.?\d*(?:e-?\d+)?)", text.replace("−", "-"))
+
+
+def _matches(shown: tuple[str, str], full: tuple[str, str]) -> bool:
+    """``shown`` is ``full`` rounded to the digits ``shown`` writes."""
+    def decimals(s):
+        return len(s.split(".")[1]) if "." in s else 0
+
+    return all(round(float(f.replace(",", "")), decimals(s)) == float(s.replace(",", ""))
+               for s, f in zip(shown, full))
+
+
+def test_the_readmes_study_numbers_are_the_reports(results):
+    """Every 'x ± y' the README quotes from the study is a pair of reports/study.md, rounded."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("From `reports/study.md`"):readme.index("The claims table in `reports/study.md`")]
+    quoted = _pairs(section)
+    assert len(quoted) >= 10, quoted
+    report = _pairs((REPO_ROOT / "reports" / "study.md").read_text())
+    missing = [q for q in quoted if not any(_matches(q, r) for r in report)]
+    assert not missing, f"README quotes {missing}, which reports/study.md does not have (regenerate, then update)"
