@@ -6,6 +6,10 @@ release penalises ``W⊙M`` (the selected values themselves); with small
 selected values the two differ by the (small) initial part. :class:`SaRAAdamW`
 applies it to one randomly chosen eligible 2-D weight per step (as the
 authors do), adding ``λ·U·Vᵀ`` to that weight's gradient inside ``step()``.
+Which weights, and ``ΔW⊙M`` or ``W⊙M``, are options (``nuclear_targets``,
+``nuclear_of``): by default 2-D weights only, as the authors' filter keeps
+only matrices, so convolutions never meet the term; ``"conv"`` reads a
+convolution as its ``out × (in·kh·kw)`` matrix.
 
 Cost: ``U·Vᵀ`` comes from an eigendecomposition of the small side's Gram
 matrix, in float64 (:func:`nuclear_norm_grad` says why), instead of a full
@@ -83,7 +87,8 @@ def nuclear_norm_penalty(obj, rank_lambda: float | None = None, per_layer: bool 
 
     ``obj`` is a matrix (then ``λ`` defaults to 1) or a :class:`SaRAAdamW` /
     :class:`SaRA` (then ``λ`` defaults to its ``rank_lambda`` and the value is
-    summed over every eligible 2-D weight, with exact singular values; a
+    summed over every weight the term may pick (its ``nuclear_targets``, of the
+    matrix its ``nuclear_of`` names), with exact singular values; a
     DataFrame per layer with ``per_layer=True``). Costs one SVD per matrix.
     """
     if isinstance(obj, torch.Tensor):
@@ -92,9 +97,7 @@ def nuclear_norm_penalty(obj, rank_lambda: float | None = None, per_layer: bool 
     opt = optimizer_of(obj)
     lam = opt.rank_lambda if rank_lambda is None else rank_lambda
     rows = []
-    for slot in opt.slots:
-        if slot.initial is None or slot.idx.numel() == 0:
-            continue
+    for slot in opt.eligible_for_nuclear():
         nuc = float(torch.linalg.matrix_norm(opt._delta(slot).float(), "nuc"))
         rows.append({"name": slot.name, "nuclear_norm": nuc, "penalty": lam * nuc})
     if not per_layer:

@@ -180,10 +180,18 @@ class SaRAAdamW(torch.optim.AdamW):
     bounded by λ alone (no entry exceeds λ: ``U·Vᵀ`` has spectral norm 1).
 
     ``rank_lambda``: nuclear-norm weight λ (0 disables it); applied to one
-    randomly chosen eligible 2-D weight every ``nuclear_every`` steps (seeded
-    by ``seed``). Eligible: 2-D weights with selected entries and at most
-    ``nuclear_max_numel`` entries (None = no limit). ``progressive_iter``: the
-    step after which progressive adjustment runs (None = never).
+    randomly chosen eligible weight every ``nuclear_every`` steps (seeded
+    by ``seed``). Eligible: weights with selected entries, at most
+    ``nuclear_max_numel`` entries (None = no limit), and of the kind
+    ``nuclear_targets`` names: ``"2d"`` (default: 2-D weights, i.e. linear
+    layers), ``"conv"`` (2-D weights and convolutions, reshaped to
+    ``out × (in·kh·kw)``), or ``"authors"`` (the authors' release: 2-D weights
+    with ``min(shape) > 64``). ``nuclear_of``: the matrix penalised, ``"update"``
+    (default: ``ΔW⊙M``, as the paper writes it) or ``"weights"`` (``W⊙M``, as the
+    authors' release does; keeps no starting values). ``progressive_iter``: the
+    step after which progressive adjustment runs (None = never);
+    ``reset_moments=True`` then restarts the continuing entries' AdamW state
+    (zero moments, step 0) as the authors' release does, instead of keeping it.
 
     Resuming: ``state_dict()`` holds the masks, each weight's θ, the
     starting values of the nuclear-norm term, the moments and the random
@@ -194,12 +202,14 @@ class SaRAAdamW(torch.optim.AdamW):
     ``_follow_weights``).
 
     Optimizer state at progressive adjustment: the moments (and step count) of
-    the continuing entries are kept, those of frozen entries are dropped, so
-    continuing entries see no discontinuity in their Adam statistics.
+    the continuing entries are kept (unless ``reset_moments``), those of frozen
+    entries are dropped, so continuing entries see no discontinuity in their
+    Adam statistics.
 
     Persistent state per trained entry (the defaults are exact: 16 bytes, i.e. a
     4-byte copy of the value, 8 bytes of fp32 moments, a 4-byte position; plus
-    4 bytes of starting value in 2-D weights while ``rank_lambda > 0``):
+    4 bytes of starting value in the eligible weights while ``rank_lambda > 0``
+    and ``nuclear_of="update"``):
 
     * ``value_copy=False``: no copy; each step gathers the values from the
       weight, updates them and scatters them back (-4 bytes; same numbers).
@@ -227,7 +237,8 @@ class SaRAAdamW(torch.optim.AdamW):
                  seed: int = 0, total_steps: int | None = None, nuclear_method: str = "gram",
                  nuclear_max_numel: int | None = None, fused: bool | None = None,
                  selection: Selection | None = None, include_frozen: bool = False, *, compact: bool = False,
-                 value_copy: bool | None = None, positions: str | None = None, moments: str | None = None):
+                 value_copy: bool | None = None, positions: str | None = None, moments: str | None = None,
+                 nuclear_targets: str = "2d", nuclear_of: str = "update", reset_moments: bool = False):
         check_is_model(model, type(self).__name__)
         if threshold is None and fraction is None and selection is None:
             threshold = 2e-3  # the authors' θ for Stable Diffusion 1.5
@@ -246,6 +257,7 @@ class SaRAAdamW(torch.optim.AdamW):
                               "of it), or None to disable it.")
         if nuclear_method not in ("gram", "svd"):
             raise ConfigError(f"nuclear_method must be 'gram' or 'svd', got {nuclear_method!r}")
+        check_nuclear_options(nuclear_targets, nuclear_of, reset_moments)
         if selection is None:
             check_selection_args(threshold, fraction, per_layer)
         # -- compact state options (see the class docstring)
@@ -272,6 +284,7 @@ class SaRAAdamW(torch.optim.AdamW):
         self.nuclear_every = int(nuclear_every)
         self.nuclear_method = nuclear_method
         self.nuclear_max_numel = nuclear_max_numel
+        self.nuclear_targets, self.nuclear_of, self.reset_moments = nuclear_targets, nuclear_of, reset_moments
         self.steps_done = 0
         self.detached = False
         self.churn = None  # DataFrame from progressive_adjust
@@ -289,8 +302,9 @@ class SaRAAdamW(torch.optim.AdamW):
                     values = flat_view(p).index_select(0, idx).clone().requires_grad_(True)
                 else:
                     values = placeholder(idx.numel(), p)
-                initial = flat_view(p).index_select(0, idx).clone() if (self.rank_lambda > 0 and p.ndim == 2) \
-                    else None
+                keeps_start = (self.rank_lambda > 0 and self.nuclear_of == "update"
+                               and nuclear_matrix_shape(p.shape, self.nuclear_targets) is not None)
+                initial = flat_view(p).index_select(0, idx).clone() if keeps_start else None
                 self.slots.append(_Slot(name, p, encode_positions(idx, p.numel(), self.positions), values,
                                         selection.thresholds[name], initial))
         if self.positions != "index":  # keep no 4-byte copy of the positions: decode the slots' on demand
@@ -388,15 +402,18 @@ class SaRAAdamW(torch.optim.AdamW):
                 slot.param.grad = None
 
     def _delta(self, slot: _Slot) -> torch.Tensor:
-        """ΔW⊙M as a dense matrix (one layer, transient)."""
+        """The penalised matrix, dense (one layer, transient): ΔW⊙M, or W⊙M with ``nuclear_of="weights"``."""
         self._follow_weights([slot])
         d = torch.zeros(slot.param.numel(), dtype=slot.values.dtype, device=slot.values.device)
-        d[slot.idx] = current_values(slot, self.value_copy) - slot.initial
-        return d.view(slot.param.shape)
+        values = current_values(slot, self.value_copy)
+        d[slot.idx] = values if self.nuclear_of == "weights" else values - slot.initial
+        return d.view(nuclear_matrix_shape(slot.param.shape, self.nuclear_targets))
 
     def eligible_for_nuclear(self) -> list[_Slot]:
-        """2-D weights with trainable entries (and within ``nuclear_max_numel``)."""
-        return [s for s in self.slots if s.initial is not None and s.count > 0 and min(s.param.shape) > 1
+        """Weights of the ``nuclear_targets`` kind with trainable entries (and within ``nuclear_max_numel``)."""
+        return [s for s in self.slots if s.count > 0
+                and nuclear_matrix_shape(s.param.shape, self.nuclear_targets) is not None
+                and (self.nuclear_of == "weights" or s.initial is not None)
                 and (self.nuclear_max_numel is None or s.param.numel() <= self.nuclear_max_numel)]
 
     def _add_nuclear_grad(self) -> None:
@@ -500,6 +517,8 @@ class SaRAAdamW(torch.optim.AdamW):
             # ones when resuming, and a fraction's quantile moves with them (progressive adjustment uses θ)
             "thresholds": [s.threshold for s in self.slots],
             "selection_extra": dict(self.selection.extra),
+            "nuclear": {"targets": self.nuclear_targets, "of": self.nuclear_of,
+                        "reset_moments": self.reset_moments},
             "steps_done": self.steps_done, "rng": self._rng.getstate(),
             "moment_rng": None if self.moment_generator is None else self.moment_generator.get_state(),
         }
@@ -519,6 +538,13 @@ class SaRAAdamW(torch.optim.AdamW):
         if sara["names"] != [s.name for s in self.slots]:
             raise CheckpointError("this SaRA optimizer state belongs to a model with other weights "
                                   "(the considered parameter names differ)")
+        saved = sara.get("nuclear", {"targets": "2d", "of": "update", "reset_moments": False})  # older: defaults
+        mine = {"targets": self.nuclear_targets, "of": self.nuclear_of, "reset_moments": self.reset_moments}
+        if saved != mine:
+            names = {"targets": "nuclear_targets", "of": "nuclear_of", "reset_moments": "reset_moments"}
+            diff = ", ".join(f"{names[k]}={saved.get(k)!r}" for k in mine if saved.get(k) != mine[k])
+            raise CheckpointError(f"this SaRA optimizer state was saved with {diff}, and this optimizer was "
+                                  "other ones: create it with the checkpoint's options to resume")
         thresholds = sara.get("thresholds")  # absent from checkpoints saved before θ was stored
         if thresholds is not None and len(thresholds) != len(self.slots):
             raise CheckpointError(f"this SaRA optimizer state holds {len(thresholds)} thresholds for "
@@ -604,6 +630,8 @@ class SaRAAdamW(torch.optim.AdamW):
     def config(self) -> dict:
         sel = self.selection
         return {"method": "sara", "mode": sel.mode, "requested": sel.requested, "rank_lambda": self.rank_lambda,
+                "nuclear_targets": self.nuclear_targets, "nuclear_of": self.nuclear_of,
+                "reset_moments": self.reset_moments,
                 "progressive_iter": self.progressive_iter, "steps_done": self.steps_done,
                 "state": {"value_copy": self.value_copy, "positions": self.positions, "moments": self.moments}}
 
@@ -652,6 +680,42 @@ def adamw_update(optimizer: torch.optim.AdamW, closure=None):
     if getattr(fn, "hooked", False):
         fn = fn.__wrapped__
     return fn(optimizer, closure)
+
+
+#: Which weights the nuclear-norm term may pick (``nuclear_targets``) and what it penalises (``nuclear_of``).
+NUCLEAR_TARGETS = ("2d", "conv", "authors")
+NUCLEAR_OF = ("update", "weights")
+#: The authors' filter (``len(shape) == 2 and min(shape) > 64`` in their optim/adamw.py).
+AUTHORS_MIN_SIDE = 64
+
+
+def check_nuclear_options(targets, of, reset_moments) -> None:
+    if targets not in NUCLEAR_TARGETS:
+        raise ConfigError(f"nuclear_targets must be one of {NUCLEAR_TARGETS} (2-D weights; also convolutions, "
+                          f"reshaped; the authors' min(shape) > {AUTHORS_MIN_SIDE} filter), got {targets!r}")
+    if of not in NUCLEAR_OF:
+        raise ConfigError(f"nuclear_of must be 'update' (ΔW⊙M, the paper) or 'weights' (W⊙M, the authors' "
+                          f"release), got {of!r}")
+    if not isinstance(reset_moments, bool):
+        raise ConfigError(f"reset_moments must be True or False, got {reset_moments!r}")
+
+
+def nuclear_matrix_shape(shape, targets: str) -> tuple[int, int] | None:
+    """The matrix the nuclear-norm term sees for a weight of ``shape``, or None if it is not a target.
+
+    A convolution ``out × in × kh × kw`` is read as ``out × (in·kh·kw)`` (a view:
+    the same flat order), the usual matrix of a convolution.
+    """
+    shape = tuple(shape)
+    if len(shape) == 2:
+        matrix = shape
+        if targets == "authors" and min(shape) <= AUTHORS_MIN_SIDE:
+            return None
+    elif targets == "conv" and len(shape) == 4:
+        matrix = (shape[0], shape[1] * shape[2] * shape[3])
+    else:
+        return None
+    return matrix if min(matrix) > 1 else None
 
 
 def _as_rng_state(state):

@@ -8,6 +8,8 @@ use half of training), an entry that grew to ``|w| ≥ θ`` has become an
 The optimizer state follows the entries: continuing entries keep their AdamW
 moments (no discontinuity in their statistics), frozen entries' moments are
 dropped, which is where the memory of the second half of training shrinks.
+With ``reset_moments=True`` the continuing entries restart AdamW instead, as
+the authors' release does.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ def progressive_adjust(optimizer):
         n = slot.count
         if n == 0:
             continue
+        if optimizer.reset_moments:
+            _restart_moments(optimizer, slot)
         keep = current_values(slot, optimizer.value_copy).abs() < slot.threshold
         kept = int(keep.sum())
         rows.append({"name": slot.name, "selected": n, "froze": n - kept, "continue": kept})
@@ -49,6 +53,18 @@ def progressive_adjust(optimizer):
             optimizer._unhook(slot)
             slot.param.requires_grad_(False)
     return _churn_table(rows)
+
+
+def _restart_moments(optimizer, slot) -> None:
+    """The authors' variant: the continuing entries start AdamW afresh (zero moments, step 0).
+
+    Emptying the state is enough: torch's AdamW and the compact step both
+    create a fresh one at the next step. Done before the filtering below, so
+    the frozen entries' moments go too.
+    """
+    state = optimizer.state.get(slot.values)
+    if state:
+        state.clear()
 
 
 def _churn_table(rows):

@@ -36,6 +36,10 @@ class SaRA(SparseMethod):
     ``compact``, ``value_copy``, ``positions``, ``moments``: how the optimizer
     keeps its state per trained entry (see :class:`~sara_edu.sara.SaRAAdamW`;
     the defaults are exact, ``compact=True`` keeps ~5 bytes instead of 16).
+
+    ``nuclear_targets``, ``nuclear_of``, ``reset_moments``: the authors'
+    variants of the nuclear-norm term and of progressive adjustment (see
+    :class:`~sara_edu.sara.SaRAAdamW`; the defaults follow the paper's text).
     """
 
     threshold: float | None = None
@@ -53,6 +57,9 @@ class SaRA(SparseMethod):
     value_copy: bool | None = None
     positions: str | None = None
     moments: str | None = None
+    nuclear_targets: str = "2d"
+    nuclear_of: str = "update"
+    reset_moments: bool = False
     name: str = "sara"
     optimizer: SaRAAdamW | None = field(default=None, init=False, repr=False)
 
@@ -73,7 +80,9 @@ class SaRA(SparseMethod):
                                    betas=betas, weight_decay=weight_decay, seed=self.seed,
                                    total_steps=total_steps, nuclear_max_numel=self.nuclear_max_numel,
                                    include_frozen=self.include_frozen, compact=self.compact,
-                                   value_copy=self.value_copy, positions=self.positions, moments=self.moments)
+                                   value_copy=self.value_copy, positions=self.positions, moments=self.moments,
+                                   nuclear_targets=self.nuclear_targets, nuclear_of=self.nuclear_of,
+                                   reset_moments=self.reset_moments)
         return self.optimizer
 
     def _opt(self) -> SaRAAdamW:
