@@ -11,6 +11,7 @@ from sara_edu.world.data import load_digits_images
 from sara_edu.world.metrics import (
     evaluate,
     fid_analogue,
+    kid_analogue,
     per_digit_recognition,
     prompt_agreement,
     vlhi,
@@ -68,10 +69,51 @@ def test_fid_grows_with_the_distribution_shift(clf):
     assert other_look > 10 * same_look
 
 
+# --- KID analogue ---------------------------------------------------------------------------
+
+def brute_force_kid(a: np.ndarray, b: np.ndarray) -> float:
+    """The unbiased MMD² with the cubic kernel, by explicit loops over pairs (a different route)."""
+    d = a.shape[1]
+    k = lambda x, y: (float(x @ y) / d + 1.0) ** 3  # noqa: E731
+    m, n = len(a), len(b)
+    xx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(b[i], b[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(a[i], b[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_a_brute_force_reference_on_unequal_sets(clf):
+    real, _, _ = load_digits_images("heldout", "cyberpunk", digits=range(3))
+    fake, _, _ = load_digits_images("train", "plain", digits=range(2))
+    real, fake = real[:40], fake[:17]
+    expected = brute_force_kid(clf.embed(real).double().numpy(), clf.embed(fake).double().numpy())
+    assert kid_analogue(real, fake, clf) == pytest.approx(expected, rel=1e-9)
+
+
+def test_kid_is_unbiased_where_fid_is_not(clf):
+    """Two small real sets of the same look: KID averages ~0 at any size, FID stays far above 0."""
+    real, _, _ = load_digits_images("heldout", "cyberpunk")
+    train, _, _ = load_digits_images("train", "cyberpunk")
+    g = torch.Generator().manual_seed(0)
+    kids, fids = [], []
+    for _ in range(8):
+        pick = train[torch.randperm(len(train), generator=g)[:20]]
+        kids.append(kid_analogue(real, pick, clf))
+        fids.append(fid_analogue(real, pick, clf))
+    plain, _, _ = load_digits_images("train", "plain")
+    other = kid_analogue(real, plain[:20], clf)
+    spread = np.std(kids, ddof=1) / np.sqrt(len(kids))
+    assert abs(np.mean(kids)) < 3 * spread + 1e-3 * other  # 0 in expectation
+    assert other > 20 * max(abs(np.mean(kids)), spread)  # another look is far away
+    assert min(fids) > 0.1 * fid_analogue(real, plain[:20], clf)  # the small-sample FID bias
+
+
 def test_fid_rejects_bad_input(clf):
     x = torch.zeros(4, 3, 16, 16)
     with pytest.raises(DataError, match="empty"):
         fid_analogue(torch.zeros(0, 3, 16, 16), x, clf)
+    with pytest.raises(DataError, match="at least 2"):
+        kid_analogue(x[:1], x, clf)
     with pytest.raises(DataError, match="at least 2"):
         fid_analogue(x, x[:1], clf)
     with pytest.raises(DataError, match=r"\(N, 3, 16, 16\)"):
