@@ -6,7 +6,7 @@ import os
 import time
 
 from ..world.paths import REPO_ROOT
-from .config import FULL, QUICK
+from .config import CONFIGS, FULL, QUICK
 from .run import run_study
 
 
@@ -16,6 +16,8 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the study, appending one CSV row per run")
     run.add_argument("--quick", action="store_true", help="the reduced grid CI runs (a minute or two)")
+    run.add_argument("--study", default=None, choices=sorted(set(CONFIGS) - {QUICK.name}),
+                     help="which grid to run (default: full; 'controls' adds where-vs-how controls, ~10 CPU-hours)")
     run.add_argument("--out", default=None,
                      help="results CSV (default reports/study_results.csv; with --quick runs/study_quick.csv)")
     run.add_argument("--model", default=None, help="pretrained model folder (default: the shipped model)")
@@ -40,8 +42,12 @@ def main(argv=None) -> None:
 
         budget_main(args)
     elif args.command == "run":
-        config = QUICK if args.quick else FULL
-        out = args.out or str(REPO_ROOT / ("runs/study_quick.csv" if args.quick else "reports/study_results.csv"))
+        if args.quick and args.study:
+            parser.error(f"--quick runs the reduced grid; drop --study {args.study} (or --quick)")
+        config = QUICK if args.quick else CONFIGS[args.study] if args.study else FULL
+        default = ("runs/study_quick.csv" if args.quick else "reports/study_results.csv" if config is FULL
+                   else f"reports/{config.name}_results.csv")  # its own file: a report reads one study's rows
+        out = args.out or str(REPO_ROOT / default)
         start = time.perf_counter()
         threads = args.threads or max(1, cores // max(args.workers, 1))
         results = run_study(config, out, model=args.model, workers=args.workers, threads=threads,

@@ -24,7 +24,19 @@ METHOD_LABELS = {
     "lora_r4": "LoRA r=4",
     "lora_matched": "LoRA rank-matched",
     "full": "full fine-tuning",
+    "sara_attention": "SaRA on attention (count-matched)",
+    "lora_everywhere": "LoRA everywhere (rank-matched)",
+    "full_attention": "full FT of attention",
 }
+
+#: The controls that separate *where* a method trains from *how*: (where, how) per method. The course's LoRA
+#: adapts the attention projections (to_q/k/v/out) only, SaRA and full fine-tuning the whole UNet.
+WHERE_HOW = {
+    "sara": ("everywhere", "sparse"), "sara_attention": ("attention", "sparse"),
+    "lora_everywhere": ("everywhere", "low-rank"), "lora_matched": ("attention", "low-rank"),
+    "lora_r4": ("attention", "low-rank"), "full": ("everywhere", "dense"), "full_attention": ("attention", "dense"),
+}
+CONTROLS = ("sara_attention", "lora_everywhere", "full_attention")
 
 
 #: The reference row: the pretrained model, not fine-tuned (evaluated like every run).
@@ -35,10 +47,11 @@ PRETRAINED = "pretrained"
 ABLATIONS = ("sara_no_nuclear", "sara_no_progressive")
 
 
-SELECTION_METHODS = ("sara", "sara_no_nuclear", "sara_no_progressive", "selective", "lora_matched")
+SELECTION_METHODS = ("sara", "sara_no_nuclear", "sara_no_progressive", "selective", "lora_matched",
+                     "sara_attention", "lora_everywhere", "full_attention")
 
 
-NUCLEAR_METHODS = ("sara", "sara_no_progressive")
+NUCLEAR_METHODS = ("sara", "sara_no_progressive", "sara_attention")
 
 
 TRACKED_STEPS = 2  # memory is counted over attach + these first steps (the tracker slows ops down)
@@ -274,5 +287,27 @@ QUICK = StudyConfig(
     notes="The QUICK grid checks that the machinery works end to end; its numbers mean nothing.")
 
 
+#: Issue 18's controls, not run yet: where a method trains (the attention projections / the whole UNet) crossed
+#: with how (sparse / low-rank / dense), each at its own searched rate, 5 seeds. About 240 runs of ~2.6 min:
+#: some 10 CPU-hours, 5 h wall with two workers on the 2-core box (``python -m sara_edu.study run --study
+#: controls``, into reports/controls_results.csv). Same training and evaluation settings as FULL.
+CONTROLS_STUDY = StudyConfig(
+    name="controls", methods=("sara", "sara_attention", "lora_matched", "lora_r4", "lora_everywhere", "full",
+                              "full_attention"),
+    seeds=(0, 1, 2, 3, 4), steps=800, batch_size=16, limit_per_digit=8,
+    lr_grid=(("sara", (3e-4, 1e-3, 3e-3)), ("sara_attention", (3e-4, 1e-3, 3e-3)),
+             ("lora_matched", (1e-3, 3e-3, 1e-2)), ("lora_r4", (1e-3, 3e-3, 1e-2)),
+             ("lora_everywhere", (1e-3, 3e-3, 1e-2)), ("full", (1e-4, 3e-4, 1e-3)),
+             ("full_attention", (1e-4, 3e-4, 1e-3))),
+    lr_search_pairs=(("elementfire", 0), ("hornify", 1)),
+    eval_per_digit=6, eval_plain_per_digit=3, eval_steps=20,
+    notes=("**Controls.** The course's LoRA adapts the attention projections only, SaRA and full fine-tuning "
+           "the whole UNet. Here every method also trains in the other place: SaRA on the attention "
+           "projections with as many entries as the rank-matched LoRA trains, LoRA on every layer it can adapt "
+           "(ResNet convolutions included) rank-matched to SaRA's count, and full fine-tuning of the attention "
+           "projections' weights; LoRA r=4 (the diffusers default) on attention. Each method at its own "
+           "searched rate, 5 styles x 5 seeds, otherwise FULL's protocol."))
+
+
 #: The named studies (``StudyConfig.name`` -> config), e.g. for the report's notes.
-CONFIGS = {c.name: c for c in (FULL, QUICK)}
+CONFIGS = {c.name: c for c in (FULL, QUICK, CONTROLS_STUDY)}

@@ -38,6 +38,7 @@ from .stats import style_mean_stats
 from .tables import (
     LEGEND,
     ablation_table,
+    controls_table,
     cost_table,
     lr_search_table,
     num,
@@ -45,6 +46,7 @@ from .tables import (
     prior_table,
     retention_table,
     table1,
+    where_how_table,
 )
 
 
@@ -188,6 +190,15 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
             text += [f"Styles full fine-tuning {name}:", "", paired_table(df, rows[keep]), ""]
     else:
         text += [paired_table(df), ""]
+    controls = controls_table(df)
+    if controls:
+        text += ["## Where a method trains, and how", "",
+                 "The course's LoRA adapts only the attention projections; SaRA and full fine-tuning train the whole "
+                 "UNet. The controls train the same way in the other place (count-matched where they are sparse or "
+                 "low-rank), so that each row below changes one thing. Prompt agreement per method (mean ± std over "
+                 "seeds of the style average):", "", where_how_table(df), "",
+                 f"Paired differences between methods that differ in one thing ({LEGEND.split('. ')[0]}):", "",
+                 controls, ""]
     text += ["## The paper's claims, checked", "",
              "Each claim, where the course checks it, and what it shows on the course model (a verdict on this "
              "small model and CPU budget, not on Stable Diffusion).", "", claims_table(df, root), ""]

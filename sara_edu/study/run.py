@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -282,7 +283,7 @@ class _Recorded:
 def make_method(spec: RunSpec, base_unet, config: StudyConfig):
     """The :class:`~sara_edu.training.TrainingMethod` for ``spec`` (fresh, unattached)."""
     from ..sara.selection import select_parameters
-    from ..training.lora import LoRA, lora_rank_matching
+    from ..training.lora import ALL_TARGETS, LoRA, lora_rank_matching
     from ..training.method import FullFineTuning
     from ..training.sara import SaRA
     from ..training.selective import SelectiveFineTuning
@@ -295,22 +296,47 @@ def make_method(spec: RunSpec, base_unet, config: StudyConfig):
         return SelectiveFineTuning(fraction=spec.fraction)
     if m == "lora_r4":
         return LoRA(rank=4)
-    if m == "lora_matched":
-        def match():
-            n = select_parameters(base_unet, fraction=spec.fraction).total_selected
-            return lora_rank_matching(base_unet, n)
+    def sara_count():
+        return _cached(("sara_count", spec.fraction, id(base_unet)),
+                       lambda: select_parameters(base_unet, fraction=spec.fraction).total_selected)
 
-        found = _cached(("lora_match", spec.fraction, id(base_unet)), match)
+    def attention_lora():  # the course's LoRA: rank-matched to SaRA's count on the attention projections
+        return _cached(("lora_match", spec.fraction, id(base_unet)),
+                       lambda: lora_rank_matching(base_unet, sara_count()))
+
+    if m == "lora_matched":
+        found = attention_lora()
         return LoRA(rank=found.rank, target_modules=found.target_modules, name=f"lora r={found.rank} (matched)")
+    if m == "lora_everywhere":  # the same count, on every layer LoRA can adapt (convolutions included)
+        found = _cached(("lora_everywhere", spec.fraction, id(base_unet)),
+                        lambda: lora_rank_matching(base_unet, sara_count(), target_modules=ALL_TARGETS, widen=False))
+        return LoRA(rank=found.rank, target_modules=found.target_modules,
+                    name=f"lora r={found.rank} everywhere (matched)")
+    if m == "sara_attention":  # SaRA where the course's LoRA trains, as many entries as that LoRA trains
+        found = attention_lora()
+        pattern = weights_of(found.target_modules)
+        numel = sum(p.numel() for n, p in base_unet.named_parameters() if re.search(pattern, n))
+        return SaRA(fraction=min(found.lora_parameters / numel, 0.999), target_modules=pattern,
+                    rank_lambda=spec.rank_lambda, seed=spec.seed, name="sara_attention")
     if m == "full":
         return FullFineTuning()
+    if m == "full_attention":  # dense training where the course's LoRA trains
+        return FullFineTuning(target_modules=weights_of(attention_lora().target_modules), name="full_attention")
     raise ConfigError(f"unknown method {m!r}; choose from {list(METHOD_LABELS)}")
 
 
+def weights_of(targets) -> str:
+    """A regular expression for the weights of the modules LoRA's ``targets`` name (peft's suffix rule)."""
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"(^|\.)({names})\.weight$"
+
+
 def _saved_file_bytes(method, unet) -> int:
-    """Size of what the method ships: sparse values, the LoRA adapter, or the whole state dict."""
+    """Size of what the method ships: sparse values, the LoRA adapter, or the weights it trained (every one
+    for full fine-tuning; the chosen modules' for full fine-tuning of some)."""
     from ..io import save_tensors
     from ..training.lora import LoRA, save_lora
+    from ..training.method import FullFineTuning
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "out.safetensors"
@@ -318,6 +344,8 @@ def _saved_file_bytes(method, unet) -> int:
             save_lora(unet, path)
         elif hasattr(method, "save"):
             method.save(path)
+        elif isinstance(method, FullFineTuning) and method.target_modules is not None:
+            save_tensors({k: v.contiguous() for k, v in method.trained_state(unet).items()}, path)
         else:
             save_tensors(unet.state_dict(), path)
         return path.stat().st_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .config import ABLATIONS, METHOD_LABELS, PRETRAINED
+from .config import ABLATIONS, CONTROLS, METHOD_LABELS, PRETRAINED, WHERE_HOW
 from .select import (
     ablation_rows,
     finished_main,
@@ -285,3 +285,57 @@ def prior_table(df: pd.DataFrame) -> str:
             "mixed set), same learning rate, mean over seeds; in brackets the paired difference (with − without), "
             "read as the paired tables above (✓ mixing helps, ✗ it hurts).\n\n"
             + md_table(["method", "pairs"] + [name for _, name, _ in cols], body))
+
+
+# --------------------------------------------------------------------------- where a method trains vs how
+
+
+WHERES = ("attention", "everywhere")
+HOWS = ("sparse", "low-rank", "dense")
+
+
+def where_how_table(df: pd.DataFrame, col: str = "agreement") -> str:
+    """The methods as a 2 x 3 grid (where: attention projections / the whole UNet; how: sparse / low-rank /
+    dense), each cell the method's ``col`` (mean ± std over seeds of the style average)."""
+    rows = main_rows(df)
+    present = [m for m in methods_in(rows) if m in WHERE_HOW]
+    if not set(CONTROLS) & set(present):
+        return "_This study has no controls that train the same way in another place._"
+    st = style_mean_stats(rows, col)
+    body = []
+    for where in WHERES:
+        cells = [where]
+        for how in HOWS:
+            here = [m for m in present if WHERE_HOW[m] == (where, how)]
+            cells.append("<br>".join(f"{label(m, rows)}: {fmt(st.at[m, 'mean'], st.at[m, 'std'])}" for m in here))
+        body.append(cells)
+    return md_table(["where \\ how", *HOWS], body)
+
+
+def one_difference_pairs(methods) -> list[tuple[str, str, str]]:
+    """``(a, b, what a − b isolates)`` for every two methods that differ in exactly one of where / how."""
+    out = []
+    for a in methods:
+        for b in methods:
+            if a == b or a not in WHERE_HOW or b not in WHERE_HOW or (a, b) in {(y, x) for x, y, _ in out}:
+                continue
+            (wa, ha), (wb, hb) = WHERE_HOW[a], WHERE_HOW[b]
+            if wa == wb and ha != hb:
+                out.append((a, b, f"how ({ha} vs {hb}), both {wa}"))
+            elif ha == hb and wa != wb:
+                out.append((a, b, f"where ({wa} vs {wb}), both {ha}"))
+    return out
+
+
+def controls_table(df: pd.DataFrame, columns=PAIRED_COLUMNS[:2]) -> str:
+    """Paired differences between methods that differ in one thing only, each read as the paired tables."""
+    rows = main_rows(df)
+    pairs = one_difference_pairs(methods_in(rows))
+    if not pairs or not set(CONTROLS) & set(methods_in(rows)):
+        return ""
+    body = []
+    for a, b, what in pairs:
+        n = paired(rows, a, b, columns[0][0]).n
+        body.append([f"{label(a, rows)} − {label(b, rows)}", what, str(n)] +
+                    [verdict_cell(paired(rows, a, b, c), c, hib) for c, _, hib in columns])
+    return md_table(["comparison", "isolates", "pairs"] + [name for _, name, _ in columns], body)

@@ -81,10 +81,25 @@ class SparseMethod(TrainingMethod):
 
 @dataclass
 class FullFineTuning(TrainingMethod):
-    """Train every parameter of the UNet (the paper's "full fine-tuning" baseline)."""
+    """Train every parameter of the UNet (the paper's "full fine-tuning" baseline).
+
+    ``target_modules``: train only the parameters whose full name one of these
+    regular expressions finds (SaRA's rule, :func:`~sara_edu.sara.selection.considered_parameters`),
+    e.g. the attention projections' weights: dense training *where* LoRA trains,
+    a control that separates where a method trains from how.
+    """
 
     name: str = "full"
+    target_modules: object = None
 
     def build_optimizer(self, unet, *, lr, weight_decay, total_steps, betas=(0.9, 0.999)):
-        unet.requires_grad_(True)
-        return torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+        if self.target_modules is None:
+            unet.requires_grad_(True)
+            return torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+        from ..sara.selection import considered_parameters
+
+        chosen = considered_parameters(unet, self.target_modules, include_frozen=True)  # refuses a pattern
+        unet.requires_grad_(False)                                                     # that matches nothing
+        for _, p in chosen:
+            p.requires_grad_(True)
+        return torch.optim.AdamW([p for _, p in chosen], lr=lr, weight_decay=weight_decay, betas=betas)
