@@ -563,6 +563,8 @@ METRIC_COLUMNS = {
     "style_fid": "trained style, digits 0-6: FID analogue (lower is better)",
     "style_kid": "trained style, digits 0-6: KID analogue (unbiased on few samples; lower is better, ~0 = real)",
     "style_agreement": "trained style, digits 0-6: prompt agreement (digit and look right)",
+    "style_gate_pass": "trained style, digits 0-6: share of samples that look like real images at all",
+    "style_gated_agreement": "trained style, digits 0-6: prompt agreement counting only samples that pass the gate",
     "vlhi": "VLHI across the fine-tuned methods (0..2, higher is better)",
     "plain_agreement": "plain prompts, digits 0-9: prompt agreement (keeps the original skill)",
     "plain_fid": "plain prompts, digits 0-9: FID analogue",
@@ -581,7 +583,8 @@ def metric_table(pipes, style: str, *, n_per_digit: int = 10, steps: int = 25, s
 
     * **trained style** on the fine-tuning digits (0-6): ``style_fid`` (FID
       analogue against held-out styled digits), ``style_kid`` (the KID
-      analogue beside it, unbiased on few samples), ``style_look_acc``,
+      analogue beside it, unbiased on few samples), ``style_gate_pass`` and
+      ``style_gated_agreement`` (:mod:`sara_edu.world.quality`), ``style_look_acc``,
       ``style_digit_acc``, ``style_agreement`` (the CLIP-score stand-in);
     * ``vlhi``: the paper's VLHI from ``style_fid`` and ``style_agreement``,
       normalised across the fine-tuned models only (the ``"pretrained"``
@@ -619,7 +622,7 @@ def metric_table(pipes, style: str, *, n_per_digit: int = 10, steps: int = 25, s
                               guidance_scale=guidance_scale)
             row.update({f"{prefix}_{k}": float(scores[k]) for k in keys})
             if prefix == "style":
-                row["style_kid"] = float(scores["kid"])
+                row.update({f"style_{k}": float(scores[k]) for k in ("kid", "gate_pass", "gated_agreement")})
             bar.update()
         rows.append(row)
     bar.close()
@@ -628,7 +631,8 @@ def metric_table(pipes, style: str, *, n_per_digit: int = 10, steps: int = 25, s
     table["vlhi"] = float("nan")
     if len(tuned):
         table.loc[tuned.index, "vlhi"] = vlhi_table(tuned, fid_col="style_fid", clip_col="style_agreement")["vlhi"]
-    order = ["style_fid", "style_kid", "style_look_acc", "style_digit_acc", "style_agreement", "vlhi",
+    order = ["style_fid", "style_kid", "style_look_acc", "style_digit_acc", "style_agreement", "style_gate_pass",
+             "style_gated_agreement", "vlhi",
              "plain_fid", "plain_digit_acc", "plain_look_acc", "plain_agreement",
              "unseen_fid", "unseen_digit_acc", "unseen_look_acc", "unseen_agreement"]
     table = table[order]

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError, PromptError
 from .classifier import ReferenceClassifier, check_images, load_classifier
+from .quality import load_gate
 from .model import SCHEDULER_CONFIG
 from .sampling import check_guidance_scale, check_int, check_seed, check_steps
 from .styles import LOOKS
@@ -143,7 +144,7 @@ def _look_index(style) -> int:
 
 
 def prompt_agreement(images: torch.Tensor, digits, style=None,
-                     classifier: ReferenceClassifier | None = None) -> dict[str, float]:
+                     classifier: ReferenceClassifier | None = None, per_image: bool = False) -> dict:
     """How often the images show what their prompt asked for.
 
     Stands in for the paper's **CLIP score** (image-text agreement). CLIP scores a
@@ -152,7 +153,8 @@ def prompt_agreement(images: torch.Tensor, digits, style=None,
     the paper wants preserved), ``look_acc`` (the look is the prompted style) and
     ``agreement``, the fraction where *both* match, the number to compare with
     the CLIP score. ``digits`` and ``style`` are one value for all images or one
-    per image (``style=None`` means plain).
+    per image (``style=None`` means plain). ``per_image=True``: one bool per
+    image for each instead of the shares.
     """
     images = check_images(images)
     n = len(images)
@@ -163,6 +165,8 @@ def prompt_agreement(images: torch.Tensor, digits, style=None,
     want_look = torch.tensor([_look_index(s) for s in _per_image(style, n, "style")])
     pred = (classifier or load_classifier()).predict(images)
     digit_ok, look_ok = pred["digit"] == want_digit, pred["look"] == want_look
+    if per_image:  # one bool per image instead of the shares
+        return {"digit_acc": digit_ok, "look_acc": look_ok, "agreement": digit_ok & look_ok, "n": n}
     return {"digit_acc": digit_ok.float().mean().item(), "look_acc": look_ok.float().mean().item(),
             "agreement": (digit_ok & look_ok).float().mean().item(), "n": n}
 
@@ -255,7 +259,11 @@ def evaluate(pipe, style: str | None = None, digits=range(10), n_per_digit: int 
     * ``kid`` and ``kid_floor``: the same two with :func:`kid_analogue` (unbiased,
       so its floor is about 0 at any size),
     * ``digit_acc``, ``look_acc``, ``agreement``: :func:`prompt_agreement`
-      (the paper: CLIP score).
+      (the paper: CLIP score),
+    * ``gate_pass``: the share of samples that pass the quality gate
+      (:mod:`sara_edu.world.quality`: they look like real images of their look at
+      all), and ``gated_agreement``: the agreement counting only those (a sample
+      the classifier reads right but a person would reject counts as wrong).
 
     Returns a flat dict; ``pd.DataFrame([evaluate(a), evaluate(b)])`` gives a table
     for :func:`vlhi_table`. About 10 per digit is enough for notebooks (seconds on
@@ -278,10 +286,13 @@ def evaluate(pipe, style: str | None = None, digits=range(10), n_per_digit: int 
     floor_set = torch.cat([train[train_labels == d][:n_per_digit] for d in digits])
     classifier = classifier or load_classifier()
     scores = prompt_agreement(fake, wanted, look, classifier)
+    passed = load_gate(classifier).passes(fake, look, classifier)
+    agree = prompt_agreement(fake, wanted, look, classifier, per_image=True)["agreement"]
     return {"style": look, "n": len(wanted), "fid": fid_analogue(real, fake, classifier),
             "fid_floor": fid_analogue(real, floor_set, classifier),
             "kid": kid_analogue(real, fake, classifier), "kid_floor": kid_analogue(real, floor_set, classifier),
             "digit_acc": scores["digit_acc"], "look_acc": scores["look_acc"], "agreement": scores["agreement"],
+            "gate_pass": float(passed.double().mean()), "gated_agreement": float((agree & passed).double().mean()),
             "steps": steps, "guidance_scale": guidance_scale, "seed": seed}
 
 

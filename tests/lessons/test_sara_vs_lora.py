@@ -195,7 +195,8 @@ def test_metric_table_asks_the_three_questions_and_normalises_vlhi_over_the_fine
         label = label_of[id(pipe)]
         calls.append((label, style, tuple(digits), n_per_digit, steps))
         bump = {"cyberpunk": 0.0, None: 0.1}[style] + (0.01 if tuple(digits) == (7, 8, 9) else 0)
-        return {"fid": fid[label] + 100 * bump, "kid": fid[label] / 1000 + bump, "digit_acc": 0.9, "look_acc": 0.8,
+        return {"fid": fid[label] + 100 * bump, "kid": fid[label] / 1000 + bump, "gate_pass": 0.75,
+                "gated_agreement": 0.5 * agreement[label], "digit_acc": 0.9, "look_acc": 0.8,
                 "agreement": agreement[label] + bump}
 
     table = compare.metric_table(pipes, "cyberpunk", n_per_digit=3, steps=7, evaluate=fake_evaluate, progress=False)
@@ -206,6 +207,8 @@ def test_metric_table_asks_the_three_questions_and_normalises_vlhi_over_the_fine
     assert len(calls) == 3 * len(pipes)
     assert table.loc["B", "style_agreement"] == pytest.approx(0.9)
     assert table.loc["B", "style_kid"] == pytest.approx(0.03)  # the style task's KID, beside its FID
+    assert table.loc["B", "style_gated_agreement"] == pytest.approx(0.45)
+    assert table.loc["B", "style_gate_pass"] == pytest.approx(0.75)
     assert table.loc["B", "plain_agreement"] == pytest.approx(1.0)
     assert table.loc["B", "unseen_agreement"] == pytest.approx(0.91)
     expected = vlhi([10.0, 30.0, 20.0], [0.5, 0.9, 0.7])  # the reference row takes no part
