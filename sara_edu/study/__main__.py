@@ -35,6 +35,8 @@ def main(argv=None) -> None:
     bud.add_argument("--steps", type=int, nargs="+", default=[100, 200, 400, 800], help="where to score the run")
     bud.add_argument("--lr", type=float, default=3e-4)
     bud.add_argument("--styles", nargs="*", default=None)
+    bud.add_argument("--methods", nargs="*", default=None,
+                     help="study methods to draw, each at the study's chosen rate (default: full at --lr)")
     bud.add_argument("--out", default=str(REPO_ROOT / "reports" / "budget.csv"))
     args = parser.parse_args(argv)
     if args.command == "budget":

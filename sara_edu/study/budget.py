@@ -7,6 +7,13 @@ nothing. This trains full fine-tuning once per style and scores the style
 study's budget is the first point where every style reaches the target::
 
     python -m sara_edu.study budget --steps 100 200 400 800 --out reports/budget.csv
+
+``--methods`` draws the same curve for other methods, each at the rate the
+study chose for it (``CHOSEN_LRS``), with the training loss beside the
+agreement, so that no method is judged before it has saturated::
+
+    python -m sara_edu.study budget --methods sara lora_matched full --styles elementfire hornify \
+        --steps 100 200 400 800 1600 --out reports/budget_methods.csv
 """
 from __future__ import annotations
 
@@ -23,15 +30,17 @@ TARGET_AGREEMENT = 0.8  # the issue's bar: full fine-tuning learns every style
 
 
 def budget_curve(config: StudyConfig = FULL, checkpoints=(100, 200, 400, 800), lr: float = 3e-4,
-                 styles=None, seed: int = 0, model=None, progress: bool = True) -> pd.DataFrame:
-    """One row per (style, step): agreement, digit and look accuracy, FID analogue of full fine-tuning.
+                 styles=None, seed: int = 0, model=None, progress: bool = True, method: str = "full") -> pd.DataFrame:
+    """One row per (style, step): agreement, digit and look accuracy, FID analogue and training loss of
+    ``method`` (a study method key; default full fine-tuning) at ``lr``.
 
     The learning-rate schedule is the cosine of the *longest* run, so a point part-way is
     a snapshot of that run, not a shorter run of its own (those would decay sooner).
+    ``loss`` is the mean training loss of the 20 steps up to the point.
     """
-    from ..training import FullFineTuning, train
+    from ..training import train
     from ..world.data import StyleDataset
-    from .run import _base_pipe, evaluate_run
+    from .run import _base_pipe, evaluate_run, make_method, method_spec
 
     checkpoints = sorted(int(c) for c in checkpoints)
     rows = []
@@ -45,15 +54,21 @@ def budget_curve(config: StudyConfig = FULL, checkpoints=(100, 200, 400, 800), l
                 pipe_.unet.eval()
                 scores = evaluate_run(pipe_, style, seed, replace(config, eval_plain_per_digit=1), model)
                 pipe_.unet.train()
-                rows.append({"style": style, "step": step, "lr": lr, "agreement": scores["agreement"],
+                rows.append({"method": method, "style": style, "step": step, "lr": lr,
+                             "agreement": scores["agreement"],
                              "digit_acc": scores["digit_acc"], "look_acc": scores["look_acc"], "fid": scores["fid"],
                              "minutes": (time.perf_counter() - start) / 60})
                 if progress:
                     print(f"{style:12s} step {step:5d}: agreement {scores['agreement']:.2f} "
                           f"(digit {scores['digit_acc']:.2f}, look {scores['look_acc']:.2f})", flush=True)
 
-        train(pipe, data, FullFineTuning(), steps=checkpoints[-1], lr=lr, batch_size=config.batch_size, seed=seed,
-              progress=False, callback=score)
+        trainer = make_method(method_spec(config, method, style, seed, lr), _base_pipe(model).unet, config)
+        history = train(pipe, data, trainer, steps=checkpoints[-1], lr=lr, batch_size=config.batch_size, seed=seed,
+                        progress=False, callback=score)
+        for row in rows:
+            if row["style"] == style and "loss" not in row:
+                row["loss"] = float(history.loss[(history.step > row["step"] - 20) & (history.step <= row["step"])]
+                                    .mean())
     return pd.DataFrame(rows)
 
 
@@ -67,8 +82,22 @@ def shortest_budget(curve: pd.DataFrame, target: float = TARGET_AGREEMENT) -> in
 def main(args) -> None:
     from ..io import atomic_write_bytes
 
-    curve = budget_curve(checkpoints=args.steps, lr=args.lr, styles=args.styles or None, progress=True)
+    from .config import CHOSEN_LRS
+
+    methods = args.methods or ["full"]
+    unknown = [m for m in methods if m not in CHOSEN_LRS and m != "full"]
+    if unknown:
+        raise SystemExit(f"--methods: no chosen learning rate for {unknown}; choose from {sorted(CHOSEN_LRS)}")
+    curves = []
+    for m in methods:
+        lr = args.lr if args.methods is None else CHOSEN_LRS[m]
+        curves.append(budget_curve(checkpoints=args.steps, lr=lr, styles=args.styles or None, progress=True,
+                                   method=m))
+    curve = pd.concat(curves, ignore_index=True)
     out = Path(args.out)
     atomic_write_bytes(out, lambda tmp: curve.to_csv(tmp, index=False, float_format="%.4g"))
-    print(curve.pivot(index="step", columns="style", values="agreement").round(2).to_string())
-    print(f"shortest budget with every style >= {TARGET_AGREEMENT}: {shortest_budget(curve)} steps; wrote {out}")
+    print(curve.pivot_table(index="step", columns=["method", "style"], values="agreement").round(2).to_string())
+    if args.methods is None:
+        print(f"shortest budget with every style >= {TARGET_AGREEMENT}: {shortest_budget(curve)} steps; wrote {out}")
+    else:
+        print(f"wrote {out}")

@@ -153,3 +153,11 @@ def test_a_control_runs_through_the_study_and_ships_only_what_it_trained():
     assert row["status"] == "ok" and row["method"] == "full_attention"
     # 200,704 float32 weights plus safetensors' header, not the whole 1.66M-number UNet
     assert row["trainable_params"] * 4 < row["file_size_bytes"] < row["trainable_params"] * 4 + 50_000
+
+
+def test_the_budget_curve_draws_any_method_with_its_loss():
+    from sara_edu.study.budget import budget_curve
+
+    curve = budget_curve(QUICK, checkpoints=(2, 4), lr=3e-3, styles=("cyberpunk",), method="sara", progress=False)
+    assert list(curve.step) == [2, 4] and set(curve.method) == {"sara"}
+    assert curve.loss.notna().all() and ((curve.agreement >= 0) & (curve.agreement <= 1)).all()
