@@ -37,7 +37,9 @@ from .select import (
 from .stats import style_mean_stats
 from .tables import (
     LEGEND,
+    SATURATION,
     ablation_table,
+    budget_table,
     controls_table,
     cost_table,
     lr_search_table,
@@ -48,6 +50,10 @@ from .tables import (
     table1,
     where_how_table,
 )
+
+
+#: Budget curves per method, relative to the repository root (``python -m sara_edu.study budget --methods``).
+BUDGET_METHODS = Path("reports") / "budget_methods.csv"
 
 
 def findings(df: pd.DataFrame) -> list[str]:
@@ -226,6 +232,16 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
     if "cost" in made:
         text += [f"![Cost]({made['cost']})", ""]
     text += ["## Learning-rate search", "", lr_search_table(df), ""]
+    budget_csv = root / BUDGET_METHODS
+    if budget_csv.exists():
+        curve = pd.read_csv(budget_csv)
+        budget = int(main_rows(df).steps.max())
+        text += ["## Budget per method", "",
+                 f"Each method at its chosen rate, one run of {int(curve.step.max())} steps per style (the cosine "
+                 f"schedule of that run; `{BUDGET_METHODS.as_posix()}`, `python -m sara_edu.study budget "
+                 "--methods ...`): prompt agreement on the style (training loss, mean of the 20 steps before) at "
+                 f"each point. Saturated at the study's {budget} steps: less than {SATURATION:g} more agreement by "
+                 "the last point.", "", budget_table(curve, budget), ""]
     text += ["## Sensitivity: trained fraction (θ) and λ", ""]
     if "sensitivity" in made:
         text += ["SaRA at its chosen learning rate on one style; the θ for each fraction is the |w| quantile it "

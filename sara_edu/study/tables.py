@@ -339,3 +339,29 @@ def controls_table(df: pd.DataFrame, columns=PAIRED_COLUMNS[:2]) -> str:
         body.append([f"{label(a, rows)} − {label(b, rows)}", what, str(n)] +
                     [verdict_cell(paired(rows, a, b, c), c, hib) for c, _, hib in columns])
     return md_table(["comparison", "isolates", "pairs"] + [name for _, name, _ in columns], body)
+
+
+# --------------------------------------------------------------------------- budget per method
+
+#: A method has saturated at the budget when its agreement gains less than this after it (the agreement margin).
+SATURATION = 0.05
+
+
+def budget_table(curve: pd.DataFrame, budget: int) -> str:
+    """Per method and style: prompt agreement (and training loss) along one long run, and whether the
+    method had saturated at ``budget`` (it gains less than :data:`SATURATION` by the longest point)."""
+    if len(curve) == 0:
+        return ""
+    steps = sorted(set(curve.step))
+    body = []
+    for (method, style), g in curve.groupby(["method", "style"], sort=False):
+        g = g.set_index("step")
+        cells = [label(method), style, f"{g.lr.iloc[0]:g}"]
+        cells += [f"{g.at[s, 'agreement']:.2f} ({g.at[s, 'loss']:.3f})" if s in g.index else "" for s in steps]
+        if budget in g.index and steps[-1] > budget:
+            gain = g.at[steps[-1], "agreement"] - g.at[budget, "agreement"]
+            cells.append(f"{'yes' if gain < SATURATION else 'no'} ({gain:+.2f} by step {steps[-1]})")
+        else:
+            cells.append("")
+        body.append(cells)
+    return md_table(["method", "style", "lr", *[f"step {s}" for s in steps], f"saturated at {budget}?"], body)

@@ -161,3 +161,18 @@ def test_the_budget_curve_draws_any_method_with_its_loss():
     curve = budget_curve(QUICK, checkpoints=(2, 4), lr=3e-3, styles=("cyberpunk",), method="sara", progress=False)
     assert list(curve.step) == [2, 4] and set(curve.method) == {"sara"}
     assert curve.loss.notna().all() and ((curve.agreement >= 0) & (curve.agreement <= 1)).all()
+
+
+def test_the_budget_table_says_which_method_had_not_saturated():
+    import pandas as pd
+
+    from sara_edu.study.tables import budget_table
+
+    rows = [("sara", s, a, 0.1) for s, a in ((100, 0.5), (800, 0.9), (1600, 0.92))]
+    rows += [("lora_matched", s, a, 0.2) for s, a in ((100, 0.1), (800, 0.4), (1600, 0.7))]
+    curve = pd.DataFrame([{"method": m, "style": "hornify", "step": s, "lr": 1e-3, "agreement": a, "loss": loss}
+                          for m, s, a, loss in rows])
+    table = budget_table(curve, 800)
+    assert "| SaRA | hornify | 0.001 | 0.50 (0.100) | 0.90 (0.100) | 0.92 (0.100) | yes (+0.02 by step 1600) |" in table
+    assert "| LoRA rank-matched | hornify | 0.001 | 0.10 (0.200) | 0.40 (0.200) | 0.70 (0.200) | no (+0.30 by step 1600) |" \
+        in table
