@@ -43,3 +43,23 @@ def test_notebook_03_quotes_the_lambda_sweep_as_recorded():
     missing = [e for e in expected if e not in text]
     assert not missing, f"notebook 03 should say {missing} (from {NUCLEAR.name}); rerun or update the prose"
     assert round(whole("2d", "conv", 5e-4)) == round(whole("2d", "conv", 0.0))  # "with or without"
+
+
+BUDGET = REPO_ROOT / "reports" / "budget_methods.csv"
+
+
+@pytest.mark.skipif(not BUDGET.exists(), reason="an installed wheel has no reports/")
+def test_the_readme_quotes_the_budget_per_method_as_recorded():
+    curve = pd.read_csv(BUDGET).set_index(["method", "style", "step"])
+    readme = re.sub(r"\s+", " ", (REPO_ROOT / "README.md").read_text())
+    lora = curve.loc[("lora_matched", "elementfire")]
+    quoted = (f"(prompt agreement {lora.at[800, 'agreement']:.2f} at step 800, "
+              f"{lora.at[1600, 'agreement']:.2f} at 1600)")
+    assert quoted in readme
+    for method in ("sara", "full"):  # "had saturated by step 800": less than 0.05 gained after it
+        for style in ("elementfire", "hornify"):
+            c = curve.loc[(method, style)]
+            assert c.at[1600, "agreement"] - c.at[800, "agreement"] < 0.05, (method, style)
+    assert curve.loc[("lora_matched", "hornify", 1600), "loss"] < curve.loc[("lora_matched", "hornify", 800), "loss"]
+    minutes = pd.read_csv(BUDGET).groupby(["method", "style"]).minutes.max().sum()
+    assert f"{minutes:.0f} min of run time" in readme
