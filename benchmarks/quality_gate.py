@@ -76,13 +76,8 @@ def _grid(shown: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     from sara_edu.io import atomic_write_bytes
-    from sara_edu.lessons.display import show_images
 
-    images = torch.cat([v[0] for v in shown.values()])
-    titles = [("pass" if p else "reject") + (" ✓" if a else " ✗")
-              for _, passed, agree in shown.values() for p, a in zip(passed, agree)]
-    fig = show_images(images, titles, nrow=len(next(iter(shown.values()))[0]), row_labels=list(shown),
-                      suptitle="Gate verdict per sample (✓/✗: the classifier's prompt agreement)")
+    fig = lesson.gate_figure(shown)
     atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 

@@ -288,3 +288,12 @@ def test_paper_claims_reads_the_committed_study_or_says_where_it_is(monkeypatch,
     monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)  # a wheel: no reports/
     with pytest.raises(DataError, match="reports/study.md"):
         sara_vs_lora.paper_claims()
+
+
+def test_gated_samples_mark_what_the_table_counts(tiny_pipe):
+    fig = compare.gated_samples({"a": tiny_pipe, "b": tiny_pipe}, "cyberpunk", digits=[1, 2, 3], steps=2)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 6 and all(t.split()[0] in ("pass", "reject") and t.split()[1] in ("✓", "✗")
+                                    for t in titles)
+    with pytest.raises(ConfigError, match="at least one digit"):
+        compare.gated_samples({"a": tiny_pipe}, "cyberpunk", digits=[])

@@ -31,7 +31,15 @@ from .figures import (
     side_by_side,
     side_by_side_view,
 )
-from .metrics import METRIC_COLUMNS, metric_table, paper_claims, plot_metric_table, summary_table
+from .metrics import (
+    METRIC_COLUMNS,
+    gate_figure,
+    gated_samples,
+    metric_table,
+    paper_claims,
+    plot_metric_table,
+    summary_table,
+)
 from .training import (
     COLOURS,
     DEFAULT_METHODS,
@@ -49,4 +57,4 @@ from .training import (
 __all__ = ["DEFAULT_METHODS", "REFERENCE", "FineTuned", "Comparison", "canonical_method_name", "make_method",
            "finetune_one", "finetune_methods", "memory_breakdown_frame", "plot_costs", "plot_losses",
            "side_by_side", "side_by_side_view", "metric_table", "plot_metric_table", "summary_table",
-           "METRIC_COLUMNS", "COLOURS", "paper_claims", "study_learning_rates", "fair_step_times"]
+           "METRIC_COLUMNS", "COLOURS", "paper_claims", "study_learning_rates", "fair_step_times", "gate_figure", "gated_samples"]
