@@ -70,6 +70,8 @@ SCHEMA = {
     "step_time_s": "float", "train_time_s": "float", "file_size_bytes": "int",
     # the trained style on the fine-tuning digits (the paper's Table 1)
     "fid": "float", "fid_floor": "float", "digit_acc": "float", "look_acc": "float", "agreement": "float",
+    # the same, with the KID analogue and the quality gate (sara_edu.world.quality)
+    "kid": "float", "gate_pass": "float", "gated_agreement": "float",
     # generalisation: the style on digits left out of fine-tuning
     "unseen_fid": "float", "unseen_digit_acc": "float", "unseen_look_acc": "float", "unseen_agreement": "float",
     # retention: plain prompts after fine-tuning
@@ -80,6 +82,9 @@ SCHEMA = {
 
 
 _PANDAS_DTYPES = {"str": "str", "int": "int64", "float": "float64"}
+
+#: Columns added after the committed study was run: a file without them reads them as NaN (not measured then).
+LATER_COLUMNS = ("kid", "gate_pass", "gated_agreement")
 
 
 def read_results(path) -> pd.DataFrame:
@@ -94,6 +99,9 @@ def read_results(path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path} is not a readable study CSV ({e}); delete it (the study re-runs everything) "
                         "or restore it from git") from e
+    for col in LATER_COLUMNS:
+        if col not in df.columns:
+            df[col] = float("nan")
     missing = [c for c in SCHEMA if c not in df.columns]
     if missing:
         raise DataError(f"{path} lacks the study columns {missing[:5]}{'...' if len(missing) > 5 else ''}: it was "

@@ -381,7 +381,8 @@ def evaluate_run(pipe, style: str, seed: int, config: StudyConfig, model=None) -
     """Style (seen digits), generalisation (unseen digits) and retention (plain prompts) numbers."""
     from ..world.classifier import load_classifier
     from ..world.data import FINETUNE_DIGITS, UNSEEN_DIGITS
-    from ..world.metrics import fid_analogue, prompt_agreement
+    from ..world.metrics import fid_analogue, kid_analogue, prompt_agreement
+    from ..world.quality import load_gate
 
     clf = load_classifier()
     out = {}
@@ -392,6 +393,11 @@ def evaluate_run(pipe, style: str, seed: int, config: StudyConfig, model=None) -
         out[f"{prefix}fid"] = fid_analogue(real, fake, clf)
         for k in ("digit_acc", "look_acc", "agreement"):
             out[f"{prefix}{k}"] = scores[k]
+        if prefix == "":  # the unbiased KID, and agreement counting only samples that pass the quality gate
+            passed = load_gate(clf).passes(fake, style, clf)
+            agrees = prompt_agreement(fake, wanted, style, clf, per_image=True)["agreement"]
+            out.update(kid=kid_analogue(real, fake, clf), gate_pass=float(passed.double().mean()),
+                       gated_agreement=float((agrees & passed).double().mean()))
         if prefix == "":  # what a perfect model would score: real training images, same count
             train, labels, _ = _real("train", style, digits)
             floor = torch.cat([train[labels == d][:config.eval_per_digit] for d in digits])

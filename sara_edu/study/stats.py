@@ -51,6 +51,7 @@ MARGINS = {
     "unseen_agreement": Margin(absolute=0.05), "unseen_look_acc": Margin(absolute=0.05),
     "fid": Margin(relative=0.10), "unseen_fid": Margin(relative=0.10), "plain_fid": Margin(relative=0.10),
     "plain_drift": Margin(relative=0.10), "final_loss": Margin(relative=0.02), "vlhi": Margin(absolute=0.10),
+    "gated_agreement": Margin(absolute=0.05), "kid": Margin(relative=0.10),
 }
 
 

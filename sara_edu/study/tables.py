@@ -230,9 +230,15 @@ PAIRED_COLUMNS = (("fid", "style FID↓", False), ("agreement", "prompt agreemen
                   ("unseen_agreement", "generalisation: unseen-digit agreement↑", True))
 
 
+#: Shown beside the paired columns where the study measured them (runs made before they existed have NaN).
+LATER_PAIRED_COLUMNS = (("kid", "style KID↓", False), ("gated_agreement", "gated agreement↑", True))
+
+
 def paired_table(df: pd.DataFrame, rows: pd.DataFrame | None = None, columns=PAIRED_COLUMNS) -> str:
     """SaRA minus each other method, paired on (style, seed): the difference, its interval and the verdict."""
     rows = main_rows(df) if rows is None else rows
+    if columns is PAIRED_COLUMNS:
+        columns = columns + tuple(c for c in LATER_PAIRED_COLUMNS if rows[c[0]].notna().any())
     present = [m for m in methods_in(rows) if m != "sara"]
     if "sara" not in set(rows.method) or not present:
         return "_SaRA and at least one other method are needed for paired comparisons._"

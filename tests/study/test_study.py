@@ -347,3 +347,26 @@ def test_a_results_file_with_a_cut_last_row_names_the_line_and_what_to_do(tmp_pa
     with pytest.raises(DataError, match=r"synthetic.csv, line 3: column '\w+' holds 'ten', not an integer\. Fix or "
                                         r"delete that line"):
         read_results(path)
+
+
+def test_the_study_measures_kid_and_the_gate_and_reads_older_files_without_them(quick_csv, tmp_path):
+    df = read_results(quick_csv)
+    ok = df[df.status == "ok"]
+    assert ok[["kid", "gate_pass", "gated_agreement"]].notna().all().all()
+    assert (ok.gated_agreement <= ok.agreement + 1e-12).all() and (ok.gated_agreement <= ok.gate_pass + 1e-12).all()
+    # a file written before these columns existed: read with NaN there, not refused
+    old = tmp_path / "old.csv"
+    df.drop(columns=["kid", "gate_pass", "gated_agreement"]).to_csv(old, index=False)
+    again = read_results(old)
+    assert list(again.columns) == list(SCHEMA) and again.kid.isna().all()
+
+
+def test_the_paired_table_adds_kid_and_gated_agreement_where_measured(tmp_path):
+    from sara_edu.study.tables import paired_table
+
+    df = read_results(_synthetic(tmp_path))
+    assert "style KID↓" not in paired_table(df)
+    df["kid"] = df.fid / 100
+    df["gated_agreement"] = df.agreement / 2
+    table = paired_table(df)
+    assert "| style KID↓ | gated agreement↑ |" in table.splitlines()[0] + " |"
