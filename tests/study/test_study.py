@@ -370,3 +370,23 @@ def test_the_paired_table_adds_kid_and_gated_agreement_where_measured(tmp_path):
     df["gated_agreement"] = df.agreement / 2
     table = paired_table(df)
     assert "| style KID↓ | gated agreement↑ |" in table.splitlines()[0] + " |"
+
+
+def test_the_memory_claims_compare_rows_of_one_run_each(tmp_path):
+    from sara_edu.study.claims import MEMORY_LORA_TABLE, MEMORY_TABLE, _memory_claims
+
+    col = "tracker peak above frozen (MB)"
+    (tmp_path / MEMORY_TABLE).parent.mkdir(parents=True)
+    pd.DataFrame({"key": ["sara", "selective", "lora4"], "method": ["SaRA", "selective", "LoRA r=4"],
+                  col: [100.0, 400.0, 20.0]}).to_csv(tmp_path / MEMORY_TABLE, index=False)
+    rows = {r[0]: r for r in _memory_claims(tmp_path)}
+    assert "SaRA needs less training memory than LoRA (LoRA r=4)" in rows
+    assert not any("rank" in k for k in rows)  # not measured: no row
+    # the rank-matched LoRA from its own run, against SaRA of that run (110 MB there, not 100)
+    pd.DataFrame({"key": ["sara", "lora-matched"], "method": ["SaRA", "LoRA r=9 (matched)"],
+                  col: [110.0, 220.0]}).to_csv(tmp_path / MEMORY_LORA_TABLE, index=False)
+    rows = {r[0]: r for r in _memory_claims(tmp_path)}
+    matched = rows["SaRA needs less training memory than LoRA (LoRA r=9 (matched))"]
+    assert matched[2] == "held" and "0.50x" in matched[3]
+    assert "0.25x selective" in rows["Unstructured backpropagation saves memory against selective fine-tuning"][3]
+    assert "5.00x that of LoRA r=4" in rows["SaRA needs less training memory than LoRA (LoRA r=4)"][3]
