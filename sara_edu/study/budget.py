@@ -85,7 +85,7 @@ def main(args) -> None:
     from .config import CHOSEN_LRS
 
     methods = args.methods or ["full"]
-    unknown = [m for m in methods if m not in CHOSEN_LRS and m != "full"]
+    unknown = [m for m in methods if m not in CHOSEN_LRS]
     if unknown:
         raise SystemExit(f"--methods: no chosen learning rate for {unknown}; choose from {sorted(CHOSEN_LRS)}")
     curves = []

@@ -336,7 +336,6 @@ def _saved_file_bytes(method, unet) -> int:
     for full fine-tuning; the chosen modules' for full fine-tuning of some)."""
     from ..io import save_tensors
     from ..training.lora import LoRA, save_lora
-    from ..training.method import FullFineTuning
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "out.safetensors"
@@ -344,10 +343,8 @@ def _saved_file_bytes(method, unet) -> int:
             save_lora(unet, path)
         elif hasattr(method, "save"):
             method.save(path)
-        elif isinstance(method, FullFineTuning) and method.target_modules is not None:
-            save_tensors({k: v.contiguous() for k, v in method.trained_state(unet).items()}, path)
-        else:
-            save_tensors(unet.state_dict(), path)
+        else:  # the parameters it trained: the whole UNet for full fine-tuning (its state dict holds no buffers)
+            save_tensors(method.trained_state(unet), path)
         return path.stat().st_size
 
 
@@ -381,24 +378,20 @@ def evaluate_run(pipe, style: str, seed: int, config: StudyConfig, model=None) -
     """Style (seen digits), generalisation (unseen digits) and retention (plain prompts) numbers."""
     from ..world.classifier import load_classifier
     from ..world.data import FINETUNE_DIGITS, UNSEEN_DIGITS
-    from ..world.metrics import fid_analogue, kid_analogue, prompt_agreement
-    from ..world.quality import load_gate
+    from ..world.metrics import fid_analogue, gated_prompt_agreement, kid_analogue, prompt_agreement
 
     clf = load_classifier()
     out = {}
     for prefix, digits in (("", FINETUNE_DIGITS), ("unseen_", UNSEEN_DIGITS)):
         fake, wanted = _generate(pipe, digits, style, config.eval_per_digit, config, seed)
         real, _, _ = _real("heldout", style, digits)
-        scores = prompt_agreement(fake, wanted, style, clf)
+        scores = (gated_prompt_agreement if prefix == "" else prompt_agreement)(fake, wanted, style, clf)
         out[f"{prefix}fid"] = fid_analogue(real, fake, clf)
         for k in ("digit_acc", "look_acc", "agreement"):
             out[f"{prefix}{k}"] = scores[k]
-        if prefix == "":  # the unbiased KID, and agreement counting only samples that pass the quality gate
-            passed = load_gate(clf).passes(fake, style, clf)
-            agrees = prompt_agreement(fake, wanted, style, clf, per_image=True)["agreement"]
-            out.update(kid=kid_analogue(real, fake, clf), gate_pass=float(passed.double().mean()),
-                       gated_agreement=float((agrees & passed).double().mean()))
-        if prefix == "":  # what a perfect model would score: real training images, same count
+        if prefix == "":  # the unbiased KID, the gate; and what a perfect model scores: real training images
+            out.update(kid=kid_analogue(real, fake, clf), gate_pass=scores["gate_pass"],
+                       gated_agreement=scores["gated_agreement"])
             train, labels, _ = _real("train", style, digits)
             floor = torch.cat([train[labels == d][:config.eval_per_digit] for d in digits])
             out["fid_floor"] = _cached(("floor", style, config.eval_per_digit),

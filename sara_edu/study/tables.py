@@ -2,6 +2,8 @@
 comparisons read with 95% t-intervals and equivalence margins (:mod:`sara_edu.study.stats`)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 
@@ -321,15 +323,12 @@ def where_how_table(df: pd.DataFrame, col: str = "agreement") -> str:
 def one_difference_pairs(methods) -> list[tuple[str, str, str]]:
     """``(a, b, what a − b isolates)`` for every two methods that differ in exactly one of where / how."""
     out = []
-    for a in methods:
-        for b in methods:
-            if a == b or a not in WHERE_HOW or b not in WHERE_HOW or (a, b) in {(y, x) for x, y, _ in out}:
-                continue
-            (wa, ha), (wb, hb) = WHERE_HOW[a], WHERE_HOW[b]
-            if wa == wb and ha != hb:
-                out.append((a, b, f"how ({ha} vs {hb}), both {wa}"))
-            elif ha == hb and wa != wb:
-                out.append((a, b, f"where ({wa} vs {wb}), both {ha}"))
+    for a, b in itertools.combinations([m for m in methods if m in WHERE_HOW], 2):
+        (wa, ha), (wb, hb) = WHERE_HOW[a], WHERE_HOW[b]
+        if wa == wb and ha != hb:
+            out.append((a, b, f"how ({ha} vs {hb}), both {wa}"))
+        elif ha == hb and wa != wb:
+            out.append((a, b, f"where ({wa} vs {wb}), both {ha}"))
     return out
 
 

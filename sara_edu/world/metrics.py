@@ -171,6 +171,19 @@ def prompt_agreement(images: torch.Tensor, digits, style=None,
             "agreement": (digit_ok & look_ok).float().mean().item(), "n": n}
 
 
+def gated_prompt_agreement(images: torch.Tensor, digits, style=None,
+                           classifier: ReferenceClassifier | None = None) -> dict:
+    """:func:`prompt_agreement`'s shares from one classifier pass, plus ``gate_pass`` (the share of images that
+    pass the quality gate, :mod:`sara_edu.world.quality`) and ``gated_agreement`` (the share that agree *and*
+    pass: a sample the classifier reads right but a person would reject counts as wrong)."""
+    classifier = classifier or load_classifier()
+    per = prompt_agreement(images, digits, style, classifier, per_image=True)
+    passed = load_gate(classifier).passes(images, style, classifier)
+    shares = {k: per[k].float().mean().item() for k in ("digit_acc", "look_acc", "agreement")}  # as the shares
+    return {**shares, "gate_pass": float(passed.double().mean()),
+            "gated_agreement": float((per["agreement"] & passed).double().mean()), "n": per["n"]}
+
+
 def _minmax(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
     lo, hi = values.min(), values.max()
     if hi == lo:  # every method ties: the metric cannot rank them, so all sit in the middle
@@ -260,10 +273,9 @@ def evaluate(pipe, style: str | None = None, digits=range(10), n_per_digit: int 
       so its floor is about 0 at any size),
     * ``digit_acc``, ``look_acc``, ``agreement``: :func:`prompt_agreement`
       (the paper: CLIP score),
-    * ``gate_pass``: the share of samples that pass the quality gate
-      (:mod:`sara_edu.world.quality`: they look like real images of their look at
-      all), and ``gated_agreement``: the agreement counting only those (a sample
-      the classifier reads right but a person would reject counts as wrong).
+    * ``gate_pass`` and ``gated_agreement``: :func:`gated_prompt_agreement` (do the
+      samples look like real images of their look at all, and the agreement
+      counting only those).
 
     Returns a flat dict; ``pd.DataFrame([evaluate(a), evaluate(b)])`` gives a table
     for :func:`vlhi_table`. About 10 per digit is enough for notebooks (seconds on
@@ -285,14 +297,11 @@ def evaluate(pipe, style: str | None = None, digits=range(10), n_per_digit: int 
     train, train_labels, _ = load_digits_images("train", look, digits)
     floor_set = torch.cat([train[train_labels == d][:n_per_digit] for d in digits])
     classifier = classifier or load_classifier()
-    scores = prompt_agreement(fake, wanted, look, classifier)
-    passed = load_gate(classifier).passes(fake, look, classifier)
-    agree = prompt_agreement(fake, wanted, look, classifier, per_image=True)["agreement"]
+    scores = gated_prompt_agreement(fake, wanted, look, classifier)
     return {"style": look, "n": len(wanted), "fid": fid_analogue(real, fake, classifier),
             "fid_floor": fid_analogue(real, floor_set, classifier),
             "kid": kid_analogue(real, fake, classifier), "kid_floor": kid_analogue(real, floor_set, classifier),
-            "digit_acc": scores["digit_acc"], "look_acc": scores["look_acc"], "agreement": scores["agreement"],
-            "gate_pass": float(passed.double().mean()), "gated_agreement": float((agree & passed).double().mean()),
+            **{k: scores[k] for k in ("digit_acc", "look_acc", "agreement", "gate_pass", "gated_agreement")},
             "steps": steps, "guidance_scale": guidance_scale, "seed": seed}
 
 
@@ -319,5 +328,5 @@ def per_digit_recognition(pipe, n_per_digit: int = 20, seed: int = 0, steps: int
                          for d in digits])
 
 
-__all__ = ["fid_analogue", "kid_analogue", "prompt_agreement", "vlhi", "vlhi_table", "evaluate", "per_digit_recognition",
+__all__ = ["fid_analogue", "kid_analogue", "prompt_agreement", "gated_prompt_agreement", "vlhi", "vlhi_table", "evaluate", "per_digit_recognition",
            "EVAL_STEPS", "EVAL_GUIDANCE"]

@@ -47,9 +47,7 @@ class QualityGate:
     sharpness_band: dict  # look -> (low, high)
 
     def distance(self, images: torch.Tensor, classifier: ReferenceClassifier) -> torch.Tensor:
-        f = classifier.embed(images)
-        d = f[:, None, :] - self.means[None]
-        return torch.einsum("nkd,de,nke->nk", d, self.precision, d).min(1).values.clamp_min(0).sqrt()
+        return _nearest_class_distance(classifier.embed(images), self.means, self.precision)
 
     def passes(self, images: torch.Tensor, looks, classifier: ReferenceClassifier | None = None) -> torch.Tensor:
         """One bool per image: real-looking features *and* the sharpness of its look (one look or one per image)."""
@@ -74,15 +72,17 @@ def sharpness(images: torch.Tensor) -> torch.Tensor:
     return F.conv2d(images, lap.repeat(images.shape[1], 1, 1, 1), groups=images.shape[1]).abs().mean((1, 2, 3))
 
 
-def _real(split: str, look: str):
-    from .data import load_digits_images
-
-    return load_digits_images(split, None if look == "plain" else look)
+def _nearest_class_distance(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of each feature row to the nearest class mean (shared covariance)."""
+    d = features[:, None, :] - means[None]
+    return torch.einsum("nkd,de,nke->nk", d, precision, d).min(1).values.clamp_min(0).sqrt()
 
 
 def heldout_halves(look: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out real images of ``look`` split in two fixed halves: (calibration, validation)."""
-    images, _, _ = _real("heldout", look)
+    from .data import load_digits_images
+
+    images, _, _ = load_digits_images("heldout", look)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     half = len(images) // 2
     return images[order[:half]], images[order[half:]]
@@ -90,10 +90,12 @@ def heldout_halves(look: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 def fit_gate(classifier: ReferenceClassifier | None = None) -> QualityGate:
     """Calibrate the gate on the shipped data (a second or two on a CPU)."""
+    from .data import load_digits_images
+
     classifier = classifier or load_classifier()
     feats, classes = [], []
     for li, look in enumerate(LOOKS):
-        images, labels, _ = _real("train", look)
+        images, labels, _ = load_digits_images("train", look)
         keep = torch.cat([(labels == d).nonzero().squeeze(1)[:PER_CLASS] for d in labels.unique()])
         feats.append(classifier.embed(images[keep]))
         classes.append(labels[keep] * len(LOOKS) + li)
@@ -103,10 +105,10 @@ def fit_gate(classifier: ReferenceClassifier | None = None) -> QualityGate:
     resid = torch.cat([feats[classes == c] - means[i] for i, c in enumerate(keys)])
     # ReLU features that never fire make the covariance singular: a small ridge keeps it invertible
     cov = resid.T @ resid / len(resid) + 1e-6 * torch.eye(feats.shape[1], dtype=feats.dtype)
-    gate = QualityGate(means, torch.linalg.inv(cov), float("inf"), {lk: (0.0, float("inf")) for lk in LOOKS})
+    precision = torch.linalg.inv(cov)
     calibration = {lk: heldout_halves(lk)[0] for lk in LOOKS}
-    dist = torch.cat([gate.distance(x, classifier) for x in calibration.values()])
-    return QualityGate(means, gate.precision, float(torch.quantile(dist, 1 - REAL_TAIL)),
+    dist = torch.cat([_nearest_class_distance(classifier.embed(x), means, precision) for x in calibration.values()])
+    return QualityGate(means, precision, float(torch.quantile(dist, 1 - REAL_TAIL)),
                        {lk: _band(sharpness(x)) for lk, x in calibration.items()})
 
 
@@ -115,15 +117,13 @@ def _band(values: torch.Tensor) -> tuple[float, float]:
     return float(low), float(high)
 
 
-@lru_cache(maxsize=2)
-def _shipped_gate(classifier_id: int) -> QualityGate:
-    return fit_gate(load_classifier())
-
-
 def load_gate(classifier: ReferenceClassifier | None = None) -> QualityGate:
-    """The gate for the shipped classifier (fitted once per process), or fitted for ``classifier``."""
-    if classifier is None or classifier is load_classifier():
-        return _shipped_gate(id(load_classifier()))
+    """The gate for ``classifier`` (default: the shipped one), fitted once per classifier and process."""
+    return _fitted(classifier or load_classifier())
+
+
+@lru_cache(maxsize=2)  # keyed by the classifier object; load_classifier() returns the same one per file version
+def _fitted(classifier: ReferenceClassifier) -> QualityGate:
     return fit_gate(classifier)
 
 
