@@ -27,6 +27,9 @@ def main(argv=None) -> None:
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads per run (default: the cores shared out between the workers)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--reuse", nargs="*", default=None,
+                     help="results CSVs whose runs with the same run_id are copied instead of rerun "
+                          "(default for --study controls: reports/study_results.csv)")
     rep = sub.add_parser("report", help="write the markdown report and figures from the CSV")
     rep.add_argument("--csv", default=str(REPO_ROOT / "reports" / "study_results.csv"))
     rep.add_argument("--out", default=str(REPO_ROOT / "reports" / "study.md"))
@@ -52,8 +55,10 @@ def main(argv=None) -> None:
         out = args.out or str(REPO_ROOT / default)
         start = time.perf_counter()
         threads = args.threads or max(1, cores // max(args.workers, 1))
+        reuse = args.reuse if args.reuse is not None else (
+            [str(REPO_ROOT / "reports" / "study_results.csv")] if config.name == "controls" else [])
         results = run_study(config, out, model=args.model, workers=args.workers, threads=threads,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, reuse=reuse)
         print(f"{len(results[results.study == config.name])} runs of the {config.name!r} study in {out} "
               f"({time.perf_counter() - start:.0f} s this session)")
     else:

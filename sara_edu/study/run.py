@@ -496,10 +496,16 @@ def _worker_run(spec, config, model):
 class _Runner:
     """Runs specs (in this process or a pool), skipping finished ones, saving the CSV after each run."""
 
-    def __init__(self, config, out, model, workers, threads, progress):
+    def __init__(self, config, out, model, workers, threads, progress, reuse=()):
         self.config, self.out, self.model = config, Path(out), model
         self.workers, self.threads, self.progress = workers, threads, progress
         self.results = read_results(self.out)
+        # rows of other studies' files whose run_id (a hash of everything that decides the result) matches:
+        # the same code on the same key gives the same row, so they are copied instead of trained again
+        found = [read_results(Path(p)) for p in reuse]
+        found = [f for f in found if len(f)]
+        self.reuse = (pd.concat(found, ignore_index=True).drop_duplicates("run_id").set_index("run_id")
+                      if found else None)
         self.bar = None
         self.pool = None
 
@@ -525,6 +531,9 @@ class _Runner:
         for phase, spec in phased:
             rid = spec.run_id(self.config)
             if self._tag(rid, phase) or rid in seen:
+                continue
+            if self.reuse is not None and rid in self.reuse.index:
+                self._save(dict(self.reuse.loc[rid].to_dict(), run_id=rid, study=self.config.name), phase)
                 continue
             seen.add(rid)
             todo.append((phase, spec))
@@ -565,20 +574,25 @@ def _phase(spec: RunSpec) -> str:
 
 
 def run_study(config: StudyConfig = FULL, out="reports/study_results.csv", model=None, workers: int = 1,
-              threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+              threads: int | None = None, progress: bool = True, reuse=()) -> pd.DataFrame:
     """Run (or resume) every run of ``config``; return the results table (also in ``out``).
 
     ``model``: folder of the pretrained model (default: the shipped one).
     ``workers``: processes running runs side by side (each with ``threads``
     torch threads); small models use two 1-thread processes on a 2-core CPU
     better than one 2-thread process. Runs already in ``out`` are skipped.
+    ``reuse``: other results files; a run found there under the same run_id
+    (same method, style, seed, settings and evaluation) is copied, not rerun.
     """
     from tqdm.auto import tqdm
 
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     _base_pipe(model)  # fail early (and clearly) if the model is missing
-    runner = _Runner(config, out, model, workers, threads, progress)
+    missing = [str(p) for p in reuse if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"reuse names results files that do not exist: {missing}; give existing CSVs or drop them")
+    runner = _Runner(config, out, model, workers, threads, progress, reuse)
     if workers > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

@@ -143,7 +143,9 @@ def test_the_controls_study_is_one_command_and_shares_fulls_protocol():
     for field in ("steps", "batch_size", "limit_per_digit", "eval_per_digit", "eval_plain_per_digit", "eval_steps",
                   "guidance_scale", "fraction", "rank_lambda", "lr_search_pairs"):
         assert getattr(CONTROLS_STUDY, field) == getattr(FULL, field), field
-    assert len(CONTROLS_STUDY.seeds) == 5 and set(CONTROLS_STUDY.methods) >= set(WHERE_HOW) - {"lora_r4"}
+    assert set(CONTROLS_STUDY.seeds) <= set(FULL.seeds) and set(CONTROLS_STUDY.methods) >= set(WHERE_HOW)
+    for method in FULL.methods:  # FULL's methods keep FULL's grids, so their runs are FULL's (reused, not rerun)
+        assert CONTROLS_STUDY.lrs[method] == FULL.lrs[method], method
     with pytest.raises(SystemExit):
         main(["run", "--quick", "--study", "controls"])
 
@@ -176,3 +178,27 @@ def test_the_budget_table_says_which_method_had_not_saturated():
     assert "| SaRA | hornify | 0.001 | 0.50 (0.100) | 0.90 (0.100) | 0.92 (0.100) | yes (+0.02 by step 1600) |" in table
     assert "| LoRA rank-matched | hornify | 0.001 | 0.10 (0.200) | 0.40 (0.200) | 0.70 (0.200) | no (+0.30 by step 1600) |" \
         in table
+
+
+def test_a_run_with_the_same_run_id_in_another_file_is_copied_not_trained(tmp_path, monkeypatch):
+    from sara_edu.study.config import SCHEMA, read_results, write_results
+
+    spec = study.method_spec(QUICK, "sara", "cyberpunk", 0, 3e-3)
+    donor = read_results(tmp_path / "none.csv")
+    row = {c: 0 if SCHEMA[c] == "int" else None for c in donor.columns} | {"run_id": spec.run_id(QUICK), "study": "full", "phase": "main",
+                                              "method": "sara", "style": "cyberpunk", "seed": 0, "lr": 3e-3,
+                                              "status": "ok", "agreement": 0.5}
+    import pandas as pd
+
+    write_results(pd.DataFrame([row], columns=donor.columns), tmp_path / "donor.csv")
+    trained = []
+    monkeypatch.setattr(study, "run_one",
+                        lambda spec, config, model=None: trained.append(spec) or dict(row, run_id=spec.run_id(config)))
+    runner = study._Runner(QUICK, tmp_path / "out.csv", None, 1, None, False, reuse=[tmp_path / "donor.csv"])
+    other = study.method_spec(QUICK, "full", "cyberpunk", 0, 3e-4)
+    runner.run([("main", spec), ("main", other)])
+    assert trained == [other]  # only the run the donor file lacks is trained
+    got = read_results(tmp_path / "out.csv").set_index("run_id").loc[spec.run_id(QUICK)]
+    assert got.study == QUICK.name and got.agreement == 0.5 and got.phase == "main"
+    with pytest.raises(ConfigError, match="reuse"):
+        study.run_study(QUICK, tmp_path / "x.csv", reuse=[tmp_path / "missing.csv"], progress=False)
