@@ -12,7 +12,7 @@ STAMP := $(VENV)/.sara-edu-installed
 # PYTEST_ARGS="-n 0" runs serially.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: lab lab-settings test setup data study bench clean-venv
+.PHONY: lab lab-settings test setup data study controls bench clean-venv
 
 setup: $(STAMP)
 
@@ -45,10 +45,17 @@ data: $(STAMP)
 	$(PY) -m sara_edu.world.recipes.pretrain
 	$(PY) -m sara_edu.world.recipes.classifier
 
-# The study behind reports/study.md (about 2 hours on a 2-core CPU; resumable: rerun to continue).
+# The study behind reports/study.md (about 2 hours on a 2-core CPU; resumable: rerun to continue), its sample
+# grid, and the where-vs-how controls behind reports/controls.md (`make controls`).
 study: $(STAMP)
 	$(PY) -m sara_edu.study run --workers 2 --threads 1
+	$(PY) -m sara_edu.study samples --study full
 	$(PY) -m sara_edu.study report
+
+controls: $(STAMP)
+	$(PY) -m sara_edu.study run --study controls --workers 2 --threads 1
+	$(PY) -m sara_edu.study samples --study controls
+	$(PY) -m sara_edu.study report --csv reports/controls_results.csv --out reports/controls.md
 
 bench: $(STAMP)
 	$(PY) benchmarks/memory_time.py

@@ -6,7 +6,7 @@ import os
 import time
 
 from ..world.paths import REPO_ROOT
-from .config import CONFIGS, FULL, QUICK
+from .config import CONFIGS, FULL, QUICK, results_csv
 from .run import run_study
 
 
@@ -34,6 +34,13 @@ def main(argv=None) -> None:
     rep.add_argument("--csv", default=str(REPO_ROOT / "reports" / "study_results.csv"))
     rep.add_argument("--out", default=str(REPO_ROOT / "reports" / "study.md"))
     rep.add_argument("--study", default=None, help="which study of the CSV to report (default: the only one)")
+    sam = sub.add_parser("samples", help="retrain one (style, seed) per method and draw the sample grid the report "
+                                         "shows beside its tables (and check the retrained numbers equal the CSV's)")
+    sam.add_argument("--study", default="full", choices=sorted(set(CONFIGS) - {QUICK.name}))
+    sam.add_argument("--csv", default=None, help="results CSV (default: the study's own in reports/)")
+    sam.add_argument("--style", default="cyberpunk")
+    sam.add_argument("--seed", type=int, default=0)
+    sam.add_argument("--model", default=None, help="pretrained model folder (default: the shipped model)")
     bud = sub.add_parser("budget", help="full fine-tuning's style agreement along one run per style")
     bud.add_argument("--steps", type=int, nargs="+", default=[100, 200, 400, 800], help="where to score the run")
     bud.add_argument("--lr", type=float, default=3e-4)
@@ -46,13 +53,19 @@ def main(argv=None) -> None:
         from .budget import main as budget_main
 
         budget_main(args)
+    elif args.command == "samples":
+        from .samples import write_samples
+
+        config = CONFIGS[args.study]
+        csv = args.csv or results_csv(config)
+        for path in write_samples(config, csv, REPO_ROOT / "reports", style=args.style, seed=args.seed,
+                                  model=args.model):
+            print(f"wrote {path}")
     elif args.command == "run":
         if args.quick and args.study:
             parser.error(f"--quick runs the reduced grid; drop --study {args.study} (or --quick)")
         config = QUICK if args.quick else CONFIGS[args.study] if args.study else FULL
-        default = ("runs/study_quick.csv" if args.quick else "reports/study_results.csv" if config is FULL
-                   else f"reports/{config.name}_results.csv")  # its own file: a report reads one study's rows
-        out = args.out or str(REPO_ROOT / default)
+        out = args.out or results_csv(config)
         start = time.perf_counter()
         threads = args.threads or max(1, cores // max(args.workers, 1))
         reuse = args.reuse if args.reuse is not None else (

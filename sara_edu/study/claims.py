@@ -26,7 +26,42 @@ MEMORY_TABLE = Path("benchmarks") / "results" / "memory_time_cpu_sd15.csv"  # be
 #: (``--methods plain,sara,lora4,lora-matched``): a ratio compares rows of one run only.
 MEMORY_LORA_TABLE = Path("benchmarks") / "results" / "memory_time_cpu_sd15_lora_matched.csv"
 
-CLAIMS_COLUMNS = ["the paper's claim", "where the course checks it", "verdict", "number"]
+CLAIMS_COLUMNS = ["the paper's claim", "where the course checks it", "verdict", "number", "in the paper's words"]
+
+#: The sentence of the paper (Hu et al., ICLR 2025, arXiv 2409.06633) behind each claim, by the start of the
+#: claim's name. "abstract" is the arXiv listing's abstract (v2); a row with no single sentence says so.
+PAPER_WORDS = {
+    "The smallest 10-20%": ("the smallest 10% to 20% of parameters by absolute values do not contribute to the "
+                            "generation process", "abstract"),
+    "Small weights are only temporarily": ("re-utilizes these temporarily ineffective parameters, equating to "
+                                           "optimizing a sparse weight matrix", "abstract"),
+    "SaRA beats LoRA": ("our method achieves the best FID scores, indicating our method effectively improves the "
+                        "performance of the pre-trained models on the main task", "§5, backbone fine-tuning"),
+    "SaRA matches or beats full fine-tuning": (None, "no single sentence: full fine-tuning is a baseline in the "
+                                                     "paper's tables"),
+    "The nuclear-norm term": ("To mitigate overfitting, we propose a nuclear-norm-based low-rank sparse training "
+                              "scheme", "abstract"),
+    "Progressive adjustment": ("we design a new progressive parameter adjustment strategy to make full use of the "
+                               "re-trained/finetuned parameters", "abstract"),
+    "Unstructured backpropagation": ("a novel unstructural backpropagation strategy, which significantly reduces "
+                                     "memory costs during fine-tuning", "abstract"),
+    "SaRA needs less training memory": (None, "no single sentence: the paper's memory figure (GPU) sets SaRA "
+                                              "beside LoRA"),
+    "One line of code": ("requires only a single line of code modification for efficient implementation",
+                         "abstract"),
+    "Generalisation to unseen prompts": ("outperforms traditional fine-tuning methods like LoRA in maintaining "
+                                         "model's generalization ability", "abstract"),
+    "The pretrained model's knowledge": ("outperforms traditional fine-tuning methods like LoRA in maintaining "
+                                         "model's generalization ability", "abstract"),
+}
+
+
+def paper_words(claim: str) -> str:
+    """The quoted sentence (and where it stands) behind ``claim``; every claim row must have one."""
+    for start, (quote, where) in PAPER_WORDS.items():
+        if claim.startswith(start):
+            return f"\u201c{quote}\u201d ({where})" if quote else f"({where})"
+    raise KeyError(f"claim {claim!r} has no entry in PAPER_WORDS; add the paper's sentence for it")
 
 
 def _undecided(d: Difference, col: str, higher_is_better: bool | None = None) -> str:
@@ -142,7 +177,7 @@ def _memory_claims(root: Path) -> list[list[str]]:
 
 
 def claims_rows(df: pd.DataFrame, root: Path) -> list[list[str]]:
-    """The paper's claims -> [claim, where the course checks it, verdict, the number]."""
+    """The paper's claims -> [claim, where the course checks it, verdict, the number, the paper's words]."""
     rows, abl = main_rows(df), ablation_rows(df)
     out = _benchmark_claims(_facts(root))
     lora = "lora_matched" if "lora_matched" in set(rows.method) else "lora_r4"
@@ -184,7 +219,42 @@ def claims_rows(df: pd.DataFrame, root: Path) -> list[list[str]]:
         out.append(["The pretrained model's knowledge is kept (plain prompts)", "this study (retention)",
                     "held" if after >= before - 0.1 else "did not hold",
                     f"plain-prompt agreement {before:.2f} before, {after:.2f} after SaRA"])
-    return out
+    return [row + [paper_words(row[0])] for row in out]
+
+
+def seeds_text(df: pd.DataFrame, planned: int = 5) -> str:
+    """Why the main grid has the seeds it has: the pairs each undecided SaRA comparison would need (if its mean
+    and spread stayed as measured) against what ``planned`` seeds would give."""
+    rows = main_rows(df)
+    if "sara" not in set(rows.method):
+        return ""
+    styles, seeds = rows["style"].nunique(), rows.seed.nunique()
+    lora = "lora_matched" if "lora_matched" in set(rows.method) else "lora_r4"
+    needs = []
+    for other, col, hib, question in (*((lora, c, h, "beats") for c, h in (("fid", False), ("agreement", True),
+                                                                         ("vlhi", True))),
+                                      *(("full", c, h, "kept") for c, h in (("fid", False), ("agreement", True),
+                                                                          ("vlhi", True), ("unseen_agreement", True)))):
+        if other not in set(rows.method):
+            continue
+        d = paired(rows, "sara", other, col)
+        margin = margin_for(col).of(d.scale)
+        undecided = (verdict(d, hib, margin) if question == "beats" else non_inferior(d, hib, margin)) == \
+            "not detectable"
+        if undecided:
+            needs.append((f"SaRA − {label(other, rows)} on {col}",
+                          pairs_needed(d, margin, None if question == "beats" else hib)))
+    have, would = styles * seeds, styles * planned
+    if not needs:
+        return (f"**Seeds.** {seeds} seeds ({have} pairs) settle every comparison of SaRA in the claims table; "
+                f"{planned} seeds ({would} pairs) would add nothing to the verdicts.")
+    listed = "; ".join(f"{what}: about {n} pairs" if n else f"{what}: more than 10,000 pairs" for what, n in needs)
+    settled = [what for what, n in needs if n and n <= would]
+    tail = (f"{planned} seeds ({would} pairs) would settle {', '.join(settled)}" if settled else
+            f"{planned} seeds ({would} pairs) would settle none of them, so the grid keeps {seeds} and the CPU time "
+            "went to the controls")
+    return (f"**Seeds.** {seeds} seeds ({have} pairs). The comparisons of SaRA that {have} pairs leave undecided "
+            f"would need, if their means and spreads stayed as measured: {listed}. {tail}.")
 
 
 def claims_table(df: pd.DataFrame, root: Path) -> str:

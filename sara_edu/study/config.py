@@ -322,5 +322,20 @@ CONTROLS_STUDY = StudyConfig(
            "are copied from reports/study_results.csv, not trained again."))
 
 
+#: What the committed controls study (reports/controls_results.csv) chose for its new methods (its search's
+#: result); tests/study/test_committed_study.py checks it against the CSV.
+CONTROLS_CHOSEN_LRS: dict[str, float] = {}
+
+
 #: The named studies (``StudyConfig.name`` -> config), e.g. for the report's notes.
 CONFIGS = {c.name: c for c in (FULL, QUICK, CONTROLS_STUDY)}
+
+
+def results_csv(config: StudyConfig) -> str:
+    """Where a study's results live: ``reports/study_results.csv`` for the full study, else its own file
+    (a report reads one study's rows); QUICK's under ``runs/``."""
+    from ..world.paths import REPO_ROOT
+
+    name = ("runs/study_quick.csv" if config is QUICK else "reports/study_results.csv" if config is FULL
+            else f"reports/{config.name}_results.csv")
+    return str(REPO_ROOT / name)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .claims import claims_table
+from .claims import claims_table, seeds_text
 from .config import PRETRAINED
 from .figures import (
     FIGURES,
@@ -26,6 +26,7 @@ from .figures import (
     figure_tradeoff,
     save_png,
 )
+from .samples import samples_section
 from .select import (
     LEARNED_AGREEMENT,
     in_phase,
@@ -167,7 +168,8 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
             continue
         if len(main_rows(df)) == 0 and key != "sensitivity":
             continue
-        made[key] = save_png(make(df), folder / FIGURES[key]).name
+        # named after the report (study_*.png, controls_*.png): two reports in one folder keep their own figures
+        made[key] = save_png(make(df), folder / FIGURES[key].replace("study_", f"{out.stem}_", 1)).name
     machines = "; ".join(sorted(set(df.machine)))
     if notes is None:
         from .config import CONFIGS
@@ -185,6 +187,15 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
             f"**Settings:** {settings_text(df)}", "", completeness_text(df), ""]
     if notes:
         text += [notes.strip(), ""]
+    controls = controls_table(df)
+    if controls:
+        text += ["## Where a method trains, and how", "",
+                 "The course's LoRA adapts only the attention projections; SaRA and full fine-tuning train the whole "
+                 "UNet. The controls train the same way in the other place (count-matched where they are sparse or "
+                 "low-rank), so that each row below changes one thing. Prompt agreement per method (mean ± std over "
+                 "seeds of the style average):", "", where_how_table(df), "",
+                 f"Paired differences between methods that differ in one thing ({LEGEND.split('. ')[0]}):", "",
+                 controls, ""] + samples_section((folder, csv.parent), df.study.iloc[0])
     text += ["## What the numbers say", "", "Computed from the tables below.", ""]
     text += [f"- {line}" for line in findings(df)] + [""]
     text += [f"SaRA minus each other method, paired on (style, seed): {LEGEND}", ""]
@@ -196,15 +207,9 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
             text += [f"Styles full fine-tuning {name}:", "", paired_table(df, rows[keep]), ""]
     else:
         text += [paired_table(df), ""]
-    controls = controls_table(df)
-    if controls:
-        text += ["## Where a method trains, and how", "",
-                 "The course's LoRA adapts only the attention projections; SaRA and full fine-tuning train the whole "
-                 "UNet. The controls train the same way in the other place (count-matched where they are sparse or "
-                 "low-rank), so that each row below changes one thing. Prompt agreement per method (mean ± std over "
-                 "seeds of the style average):", "", where_how_table(df), "",
-                 f"Paired differences between methods that differ in one thing ({LEGEND.split('. ')[0]}):", "",
-                 controls, ""]
+    seeds = seeds_text(df)
+    if seeds:
+        text += [seeds, ""]
     text += ["## The paper's claims, checked", "",
              "Each claim, where the course checks it, and what it shows on the course model (a verdict on this "
              "small model and CPU budget, not on Stable Diffusion).", "", claims_table(df, root), ""]
@@ -216,6 +221,8 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
              "Mean ± std over seeds; best per column in bold.", "", table1(df), "", _floor_text(df), ""]
     if "table1" in made:
         text += [f"![Table 1 as bars]({made['table1']})", ""]
+    if not controls:  # a controls report shows the grid beside its first table
+        text += samples_section((folder, csv.parent), df.study.iloc[0])
     if "tradeoff" in made:
         text += [f"![Trade-offs]({made['tradeoff']})", ""]
     text += ["## Retention and generalisation", "",

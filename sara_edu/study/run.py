@@ -410,8 +410,12 @@ def evaluate_run(pipe, style: str, seed: int, config: StudyConfig, model=None) -
     return out
 
 
-def run_one(spec: RunSpec, config: StudyConfig, model=None) -> dict:
-    """Train (unless ``spec`` is the pretrained reference) and evaluate one run; return its CSV row."""
+def run_one(spec: RunSpec, config: StudyConfig, model=None, on_trained: Callable | None = None) -> dict:
+    """Train (unless ``spec`` is the pretrained reference) and evaluate one run; return its CSV row.
+
+    ``on_trained(pipe)``: called with the trained (merged, plain) pipeline before it is
+    evaluated, e.g. to draw samples from it (:mod:`sara_edu.study.samples`).
+    """
     from ..measure.memory import MB, MemoryTracker
     from ..training.loop import train
     from ..training.lora import LoRA
@@ -465,6 +469,8 @@ def run_one(spec: RunSpec, config: StudyConfig, model=None) -> dict:
                    lora_rank=getattr(method, "rank", 0) if isinstance(method, LoRA) else 0,
                    lora_targets=",".join(method.target_modules) if isinstance(method, LoRA) else "")
         _make_plain(method, pipe.unet)
+    if on_trained is not None:
+        on_trained(pipe)
     start = time.perf_counter()
     row.update(evaluate_run(pipe, spec.style, spec.seed, config, model))
     row.update(eval_time_s=time.perf_counter() - start, finished_utc=_now())

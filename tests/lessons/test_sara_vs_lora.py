@@ -297,3 +297,29 @@ def test_gated_samples_mark_what_the_table_counts(tiny_pipe):
                                     for t in titles)
     with pytest.raises(ConfigError, match="at least one digit"):
         compare.gated_samples({"a": tiny_pipe}, "cyberpunk", digits=[])
+
+
+def test_where_how_reads_the_committed_controls_or_says_where_they_are(monkeypatch, tmp_path):
+    from sara_edu.errors import DataError
+    from sara_edu.lessons import sara_vs_lora
+    from sara_edu.world import paths
+
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)  # a wheel: no reports/
+    with pytest.raises(DataError, match="reports/controls.md"):
+        sara_vs_lora.where_how()
+
+
+def test_the_controls_are_offered_by_name_and_built_as_the_study_builds_them(tiny_pipe):
+    import re
+
+    from sara_edu.lessons import sara_vs_lora
+    from sara_edu.study import run as study
+    from sara_edu.study.config import FULL
+
+    for name, key in sara_vs_lora.CONTROL_METHODS.items():
+        ours = sara_vs_lora.make_method(name, tiny_pipe.unet)
+        theirs = study.make_method(study.method_spec(FULL, key, "cyberpunk", 0, 1e-3), tiny_pipe.unet, FULL)
+        assert type(ours) is type(theirs) and getattr(ours, "name", None) == getattr(theirs, "name", None), name
+        assert sara_vs_lora.canonical_method_name(key) == name  # the study's key works too
+    with pytest.raises(ConfigError, match=re.escape("SaRA on attention")):  # the error lists the controls
+        sara_vs_lora.make_method("sara on mlp", tiny_pipe.unet)

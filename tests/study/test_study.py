@@ -127,7 +127,7 @@ def test_quick_report_renders(quick_csv, tmp_path):
     path = write_report(quick_csv, tmp_path / "quick.md")
     text = path.read_text()
     assert "| method | cyberpunk<br>FID↓ | cyberpunk<br>Agr↑ | cyberpunk<br>VLHI↑ | mean<br>FID↓" in text
-    assert (tmp_path / "study_table1.png").stat().st_size > 1000
+    assert (tmp_path / "quick_table1.png").stat().st_size > 1000  # figures are named after their report
 
 
 # --------------------------------------------------------------------------- report on known numbers
@@ -298,6 +298,9 @@ def test_report_claims_ablations_and_prior_preservation_on_known_numbers(tmp_pat
     assert claims["The nuclear-norm term reduces overfitting"][2] == "did not hold (equivalent within the margin 0.05)"
     assert claims["Progressive adjustment helps"][2] == "did not hold (the opposite)"
     assert "prompt agreement −0.1 ± 0 over 2" in claims["Progressive adjustment helps"][3]
+    # each row quotes the paper's sentence it checks (or says there is none)
+    assert "nuclear-norm-based low-rank sparse training" in claims["The nuclear-norm term reduces overfitting"][4]
+    assert all(r[4].startswith(("\u201c", "(no single sentence")) for r in claims.values())
     # SaRA's VLHI equals LoRA's on every pair (1.5 each): "matches" full fine-tuning is read against a margin
     assert claims["SaRA matches or beats full fine-tuning (VLHI)"][2].startswith("held (95% interval not worse")
     assert claims["SaRA matches or beats full fine-tuning (prompt agreement)"][2].startswith("held")
@@ -390,3 +393,34 @@ def test_the_memory_claims_compare_rows_of_one_run_each(tmp_path):
     assert matched[2] == "held" and "0.50x" in matched[3]
     assert "0.25x selective" in rows["Unstructured backpropagation saves memory against selective fine-tuning"][3]
     assert "5.00x that of LoRA r=4" in rows["SaRA needs less training memory than LoRA (LoRA r=4)"][3]
+
+
+def test_the_sample_grid_retrains_the_studys_rows_and_gets_their_numbers_again(quick_csv, model_dir, tmp_path):
+    from sara_edu.study.samples import CHECKED, write_samples
+
+    png, table = write_samples(QUICK, quick_csv, tmp_path, style="cyberpunk", seed=0, model=model_dir,
+                               progress=False)
+    checks = pd.read_csv(table)
+    assert list(checks.method) == [PRETRAINED, *QUICK.methods]
+    for col in CHECKED:  # the same run_id, trained again: the same numbers (the CSV keeps 6 digits)
+        np.testing.assert_allclose(checks[f"retrained_{col}"], checks[f"csv_{col}"], rtol=1e-4, err_msg=col)
+    assert (checks.grid_images == 7).all() and checks.grid_pass.between(0, 7).all()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="style='hornify', seed=0"):  # a pair the study did not run
+        write_samples(QUICK, quick_csv, tmp_path, style="hornify", seed=0, model=model_dir, progress=False)
+
+
+def test_the_seed_count_is_argued_from_the_pairs_each_undecided_comparison_needs(tmp_path):
+    from sara_edu.study.claims import seeds_text
+
+    df = read_results(_synthetic(tmp_path))
+    df = df[df.status == "ok"]
+    # every difference is constant over the pairs: all settled at 4 pairs
+    assert "settle every comparison" in seeds_text(df)
+    # SaRA's unseen-digit agreement against full fine-tuning: -0.02 ± noise, inside neither verdict at 4 pairs
+    noisy = df.copy()
+    sara = noisy.method == "sara"
+    noisy.loc[sara, "unseen_agreement"] = 0.2 + np.array([-0.1, 0.06, -0.08, 0.04])
+    text = seeds_text(noisy)
+    assert "SaRA − full fine-tuning on unseen_agreement: about" in text and "2 seeds (4 pairs)" in text
+    assert "5 seeds (10 pairs) would" in text

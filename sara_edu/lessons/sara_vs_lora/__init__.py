@@ -39,22 +39,28 @@ from .metrics import (
     paper_claims,
     plot_metric_table,
     summary_table,
+    where_how,
 )
 from .training import (
     COLOURS,
+    CONTROL_METHODS,
     DEFAULT_METHODS,
     REFERENCE,
     Comparison,
     FineTuned,
+    Protocol,
     canonical_method_name,
     fair_step_times,
     finetune_methods,
     finetune_one,
     make_method,
+    study_controls_learning_rates,
     study_learning_rates,
+    study_protocol,
 )
 
 __all__ = ["DEFAULT_METHODS", "REFERENCE", "FineTuned", "Comparison", "canonical_method_name", "make_method",
            "finetune_one", "finetune_methods", "memory_breakdown_frame", "plot_costs", "plot_losses",
            "side_by_side", "side_by_side_view", "metric_table", "plot_metric_table", "summary_table",
-           "METRIC_COLUMNS", "COLOURS", "paper_claims", "study_learning_rates", "fair_step_times", "gate_figure", "gated_samples"]
+           "METRIC_COLUMNS", "COLOURS", "paper_claims", "study_learning_rates", "study_protocol", "Protocol", "fair_step_times", "gate_figure", "gated_samples", "where_how",
+           "CONTROL_METHODS", "study_controls_learning_rates"]

@@ -3,6 +3,8 @@ the paper's claims as the course's study checked them."""
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pandas as pd
 import torch
 
@@ -11,6 +13,20 @@ from ...errors import ConfigError, DataError
 from .figures import _check_pipes, _colour, _short_names
 from .training import REFERENCE, Comparison
 
+def _committed_study(name: str, what: str) -> pd.DataFrame:
+    """The committed rows of study ``name`` (``reports/``), or a DataError saying where ``what`` is."""
+    from ...study.config import CONFIGS, results_csv
+    from ...study.select import load_study
+
+    csv = results_csv(CONFIGS[name])
+    if not Path(csv).exists():
+        report = "reports/study.md" if name == "full" else f"reports/{name}.md"
+        raise DataError(f"no committed study at {csv}: {what} is in {report} of the course's repository "
+                        f"(or run `python -m sara_edu.study run{'' if name == 'full' else ' --study ' + name}` "
+                        "and `... report` there)")
+    return load_study(csv, name)
+
+
 def paper_claims() -> pd.DataFrame:
     """The paper's claims as the course's study checked them (``reports/study.md``), one row per claim.
 
@@ -18,17 +34,23 @@ def paper_claims() -> pd.DataFrame:
     in a checkout of the repository; an installed package without them raises
     :class:`DataError` saying where to find the table.
     """
-    from ...study.config import FULL
     from ...study.claims import CLAIMS_COLUMNS, claims_rows
-    from ...study.select import load_study
     from ...world.paths import REPO_ROOT
 
-    csv = REPO_ROOT / "reports" / "study_results.csv"
-    if not csv.exists():
-        raise DataError(f"no committed study at {csv}: the claims table is in reports/study.md of the course's "
-                        "repository (or run `python -m sara_edu.study run` and `... report` there)")
-    rows = claims_rows(load_study(csv, FULL.name), REPO_ROOT)
+    rows = claims_rows(_committed_study("full", "the claims table"), REPO_ROOT)
     return pd.DataFrame(rows, columns=CLAIMS_COLUMNS).set_index(CLAIMS_COLUMNS[0])
+
+
+def where_how():
+    """The controls study (``reports/controls.md``): prompt agreement as where x how, and the paired
+    differences of methods that differ in one thing, as Markdown for a notebook cell."""
+    from IPython.display import Markdown
+
+    from ...study.tables import LEGEND, controls_table, where_how_table
+
+    df = _committed_study("controls", "the where-versus-how table")
+    return Markdown("\n\n".join([where_how_table(df), f"Paired, one difference at a time ({LEGEND.split('. ')[0]}):",
+                                  controls_table(df)]))
 
 
 # ------------------------------------------------------------------ metrics

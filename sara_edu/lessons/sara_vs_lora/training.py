@@ -20,6 +20,11 @@ DEFAULT_METHODS = ("SaRA", "LoRA", "full fine-tuning")
 REFERENCE = "pretrained"
 _ALIASES = {"sara": "SaRA", "lora": "LoRA", "full": "full fine-tuning", "full fine-tuning": "full fine-tuning",
             "fullfinetuning": "full fine-tuning", "full-fine-tuning": "full fine-tuning"}
+#: The study's controls that separate where a method trains from how (``reports/controls.md``), by the
+#: name a notebook gives them -> the study's method key; :func:`make_method` builds them as the study does.
+CONTROL_METHODS = {"SaRA on attention": "sara_attention", "LoRA everywhere": "lora_everywhere",
+                   "full FT of attention": "full_attention", "LoRA r=4": "lora_r4"}
+_ALIASES.update({k.lower(): k for k in CONTROL_METHODS} | {v: k for k, v in CONTROL_METHODS.items()})
 # One colour per method everywhere in the course's comparison figures.
 COLOURS = {REFERENCE: "0.55", "SaRA": "tab:red", "LoRA": "tab:blue", "full fine-tuning": "tab:green",
            "selective (no UB)": "tab:purple"}
@@ -31,7 +36,7 @@ def canonical_method_name(name: str) -> str:
     """``"sara"`` -> ``"SaRA"``, ``"lora"`` -> ``"LoRA"``, ``"full"`` -> ``"full fine-tuning"``."""
     key = str(name).strip().lower()
     if key not in _ALIASES:
-        raise ConfigError(f"unknown method {name!r}; use one of {list(DEFAULT_METHODS)} "
+        raise ConfigError(f"unknown method {name!r}; use one of {[*DEFAULT_METHODS, *CONTROL_METHODS]} "
                           "(or pass your own TrainingMethod objects in a dict {name: method})")
     return _ALIASES[key]
 
@@ -49,6 +54,13 @@ def make_method(name: str, unet, *, fraction: float = 0.1, lora_rank: int | None
     from ...training.sara import SaRA
 
     name = canonical_method_name(name)
+    if name in CONTROL_METHODS:  # built exactly as the controls study builds it (count- or rank-matched)
+        from ...study.config import FULL
+        from ...study.run import make_method as study_method
+        from ...study.run import method_spec
+
+        spec = method_spec(FULL, CONTROL_METHODS[name], "cyberpunk", 0, 1e-3, fraction=fraction)  # style, lr unused
+        return study_method(spec, unet, FULL)
     if name == "SaRA":
         return SaRA(fraction=fraction)
     if name == "LoRA":
@@ -165,6 +177,39 @@ def study_learning_rates() -> dict[str, float]:
     from ...study.config import CHOSEN_LRS, NOTEBOOK_METHODS
 
     return {label: CHOSEN_LRS[NOTEBOOK_METHODS[label]] for label in DEFAULT_METHODS}
+
+
+def study_controls_learning_rates() -> dict[str, float]:
+    """The rate the controls study's search chose for each of :data:`CONTROL_METHODS` (``reports/controls.md``)."""
+    from ...study.config import CONTROLS_CHOSEN_LRS
+
+    return {label: CONTROLS_CHOSEN_LRS[key] for label, key in CONTROL_METHODS.items()}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What one comparison run fixes: the images, the budget and the scoring (the study's :data:`FULL`)."""
+
+    steps: int
+    batch_size: int
+    limit_per_digit: int  # training images per digit of the style set (digits 0-6)
+    n_per_digit: int  # samples per digit for the metrics
+    sample_steps: int  # DDIM steps per sample
+
+
+def study_protocol() -> Protocol:
+    """The course study's protocol, which notebooks 03 and 04 use in their full setting.
+
+    One protocol, so that a notebook's numbers and the study's row for the same
+    style, seed and rate measure the same thing. The study's is the one kept: its
+    56 images per style (8 per digit) make its 100+ runs affordable on a CPU, and
+    by its 800 steps full fine-tuning learns every style and SaRA has saturated
+    (the rank-matched LoRA not on every style: ``reports/budget_methods.csv``).
+    """
+    from ...study.config import FULL
+
+    return Protocol(steps=FULL.steps, batch_size=FULL.batch_size, limit_per_digit=FULL.limit_per_digit,
+                    n_per_digit=FULL.eval_per_digit, sample_steps=FULL.eval_steps)
 
 
 def fair_step_times(pipe, dataset, methods: dict, *, lr=1e-3, batch_size: int = 16, repeats: int = 5,
