@@ -188,7 +188,9 @@ def _check_saved_outputs(nb, name: str) -> None:
 def test_notebook_runs_top_to_bottom_in_quick_mode(path, tmp_path, kernel_spec_manager, monkeypatch):
     work = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOK_DIR, work)
-    nb = nbformat.read(work / path.name, as_version=4)
+    # a notebook with exercises runs in its solved version (solutions/<name>.ipynb): the learner's has blanks
+    solved = work / "solutions" / path.name
+    nb = nbformat.read(solved if solved.exists() else work / path.name, as_version=4)
     if path.name in POST_CHECKS:
         nb.cells.append(nbformat.v4.new_code_cell(POST_CHECKS[path.name]))
     nb.cells.append(nbformat.v4.new_code_cell("import sys, torch; print(sys.prefix); print(torch.get_num_threads())"))
@@ -206,6 +208,23 @@ def test_notebook_runs_top_to_bottom_in_quick_mode(path, tmp_path, kernel_spec_m
     print(f"{path.name}: {elapsed:.0f} s in the QUICK setting")
     if elapsed > QUICK_BUDGET_S:  # a budget, reported rather than a timed assertion
         warnings.warn(f"{path.name} took {elapsed:.0f} s in the QUICK setting (budget {QUICK_BUDGET_S} s)")
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_the_learners_blank_exercises_run_and_say_what_is_missing(tmp_path, kernel_spec_manager, monkeypatch):
+    """Notebook 03 as a learner opens it: each blank piece's check says 'not written yet', the check against
+    the library waits for all five, and nothing raises (Run All goes on to the library sections)."""
+    work = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOK_DIR, work)
+    nb = nbformat.read(work / "03_sara_step_by_step.ipynb", as_version=4)
+    last = next(i for i, c in enumerate(nb.cells) if "exercises.ready(" in c.source)
+    nb.cells = nb.cells[: last + 1]  # the exercises and the check; the rest is the solved notebook's
+    nb = _execute(nb, work, kernel_spec_manager, monkeypatch, "03_learner.ipynb")
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs) + "".join(
+        o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert text.count("not written yet") >= 10, text  # each check's cell, then again in ready()
+    assert "The equality check runs once all five pieces pass" in text
 
 
 @pytest.mark.slow

@@ -31,9 +31,71 @@ from .weight_distributions import named_weights, parameter_kind
 MB = 2**20
 
 
-# ------------------------------------------------------------------ the mask
-
 # --------------------------------------------------------------------------- SaRA from scratch (section 1)
+
+
+class ScratchSaRA:
+    """The learner's five pieces put together (notebook 03, section 1): nothing here decides anything.
+
+    Holds the 1-D state of every selected weight (``w[M]``, ``W₀[M]``, AdamW's two
+    moments), registers the gradient hook, and makes one step: the nuclear-norm
+    subgradient of one random matrix (the library's draw: ``random.Random(seed)``
+    over the selected matrices in the model's order), then AdamW on every
+    selected vector and a scatter of the new values into the weights. The pieces
+    are the exercise functions ``select_mask``, ``keep_selected``,
+    ``nuclear_subgradient``, ``adamw_update`` and ``progressive_keep``.
+    """
+
+    STATES = ("positions", "values", "initial", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, model, theta: float, lam: float, lr: float, *, select_mask, keep_selected,
+                 nuclear_subgradient, adamw_update, progressive_keep, seed: int = 0):
+        import copy
+        import random
+
+        self.model = copy.deepcopy(model).double()  # float64: the check compares algorithms, not rounding
+        self.theta, self.lam, self.lr, self.rng = theta, lam, lr, random.Random(seed)
+        self.keep_selected, self.nuclear_subgradient = keep_selected, nuclear_subgradient
+        self.adamw_update, self.progressive_keep = adamw_update, progressive_keep
+        found = {n: select_mask(w, theta) for n, w in self.model.named_parameters()}
+        self.positions = {n: i for n, i in found.items() if len(i)}
+        self.values = {n: self.model.get_parameter(n).detach().flatten()[i].clone() for n, i in self.positions.items()}
+        self.initial = {n: v.clone() for n, v in self.values.items()}  # W₀[M], for ΔW = w − W₀
+        self.exp_avg = {n: torch.zeros_like(v) for n, v in self.values.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(v) for n, v in self.values.items()}
+        self.grads = {}
+        for name, weight in self.model.named_parameters():
+            weight.requires_grad_(name in self.positions)
+            if name in self.positions:  # runs as soon as autograd has this weight's gradient
+                weight.register_post_accumulate_grad_hook(lambda w, name=name: self._hook(w, name))
+
+    def _hook(self, weight, name):
+        g = self.keep_selected(weight.grad, self.positions[name])
+        self.grads[name] = self.grads[name] + g if name in self.grads else g
+        weight.grad = None  # drop the dense gradient at once
+
+    def step(self, k: int) -> None:
+        weights = {n: self.model.get_parameter(n) for n in self.positions}
+        matrices = [n for n, w in weights.items() if w.ndim == 2 and min(w.shape) > 1]
+        chosen = self.rng.choice(matrices)
+        delta = torch.zeros(weights[chosen].numel(), dtype=torch.float64)
+        delta[self.positions[chosen]] = self.values[chosen] - self.initial[chosen]  # ΔW ⊙ M
+        sub = self.nuclear_subgradient(delta.view(weights[chosen].shape), self.lam)
+        self.grads[chosen] = self.grads.get(chosen, 0) + sub.flatten()[self.positions[chosen]]
+        for name, g in self.grads.items():
+            self.adamw_update(self.values[name], g, self.exp_avg[name], self.exp_avg_sq[name], k, self.lr)
+            weights[name].data.view(-1)[self.positions[name]] = self.values[name]  # scatter back
+        self.grads.clear()
+
+    def progressive(self) -> None:
+        for name in list(self.positions):
+            keep = self.progressive_keep(self.values[name], self.theta)
+            for state in self.STATES:
+                getattr(self, state)[name] = getattr(self, state)[name][keep]
+            if not keep.any():  # nothing left to train in this weight
+                self.model.get_parameter(name).requires_grad_(False)
+                for state in self.STATES:
+                    del getattr(self, state)[name]
 
 
 def fixed_batches(pipe, dataset, steps: int, batch_size: int = 8, seed: int = 0) -> list[dict]:
