@@ -12,7 +12,7 @@ STAMP := $(VENV)/.sara-edu-installed
 # PYTEST_ARGS="-n 0" runs serially.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: lab lab-settings test setup data study controls bench clean-venv
+.PHONY: lab lab-settings test setup data study controls handouts bench clean-venv
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ study: $(STAMP)
 	$(PY) -m sara_edu.study run --workers 2 --threads 1
 	$(PY) -m sara_edu.study samples --study full
 	$(PY) -m sara_edu.study report
+
+# Every notebook executed in its full setting and rendered to handouts/NN_name.html (not committed; ~25 min).
+handouts: $(STAMP)
+	$(PY) -m sara_edu.lessons.handouts notebooks/0*.ipynb --out handouts
 
 controls: $(STAMP)
 	$(PY) -m sara_edu.study run --study controls --workers 2 --threads 1

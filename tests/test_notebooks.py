@@ -205,6 +205,11 @@ def test_notebook_runs_top_to_bottom_in_quick_mode(path, tmp_path, kernel_spec_m
     assert not errors
     _check_saved_outputs(nb, path.name)
     _check_results(path.name, nb)
+    if path.name == "00_welcome.ipynb":  # `make handouts` renders executed notebooks like this one
+        from sara_edu.lessons.handouts import to_html
+
+        html = to_html(nb, tmp_path / "handout.html").read_text()
+        assert "SaRA" in html and html.count("data:image/png;base64") >= 2, "the handout must embed its figures"
     print(f"{path.name}: {elapsed:.0f} s in the QUICK setting")
     if elapsed > QUICK_BUDGET_S:  # a budget, reported rather than a timed assertion
         warnings.warn(f"{path.name} took {elapsed:.0f} s in the QUICK setting (budget {QUICK_BUDGET_S} s)")

@@ -99,3 +99,14 @@ def test_the_learners_notebook_is_the_solved_one_stripped():
         "notebooks/03_sara_step_by_step.ipynb")
     learner = LEARNER.read_text()
     assert "# BEGIN SOLUTION" not in learner and learner.count(exercises.TODO.replace('"', '\\"')) == 5
+
+
+def test_handouts_refuse_what_is_not_a_notebook_and_use_the_solved_version(tmp_path):
+    from sara_edu.errors import ConfigError
+    from sara_edu.lessons.handouts import render, solved_version
+
+    with pytest.raises(ConfigError, match="notebook file"):
+        render(tmp_path / "missing.ipynb", tmp_path)
+    assert solved_version(LEARNER) == SOLVED
+    other = REPO_ROOT / "notebooks" / "00_welcome.ipynb"
+    assert solved_version(other) == other
