@@ -263,3 +263,17 @@ def test_without_the_package_the_first_cell_stops_with_the_pip_command(path, tmp
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("ModuleNotFoundError: sara_edu is not installed in this kernel") and INSTALL_HINT in last, \
         run.stderr
+
+
+#: Facts that were true once and are not any more (issue 20's list): none may come back.
+STALE = ["no GPU was available", "nothing measured on one", "12-16 GB", "12–16 GB", "course.choose",
+         "The notebooks only call functions", "12 bytes per entry in fp32", "12 bytes per *trained* entry",
+         "barely changes between rank 4 and the matched rank"]
+
+
+def test_no_known_stale_fact_is_back():
+    texts = {p.relative_to(REPO).as_posix(): p.read_text() for p in
+             [*NOTEBOOK_DIR.glob("*.ipynb"), *SOLUTIONS_DIR.glob("*"), NOTEBOOK_DIR / "INSTRUCTORS.md",
+              REPO / "README.md"] if p.is_file()}
+    found = [(name, s) for name, text in texts.items() for s in STALE if s in text]
+    assert not found, f"stale facts are back: {found}"
