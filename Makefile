@@ -52,7 +52,7 @@ study: $(STAMP)
 	$(PY) -m sara_edu.study samples --study full
 	$(PY) -m sara_edu.study report
 
-# Every notebook executed in its full setting and rendered to handouts/NN_name.html (not committed; ~25 min).
+# Every notebook executed in its full setting and rendered to handouts/NN_name.html (not committed; ~30 min).
 handouts: $(STAMP)
 	$(PY) -m sara_edu.lessons.handouts notebooks/0*.ipynb --out handouts
 

@@ -539,7 +539,8 @@ class _Runner:
             if self._tag(rid, phase) or rid in seen:
                 continue
             if self.reuse is not None and rid in self.reuse.index:
-                self._save(dict(self.reuse.loc[rid].to_dict(), run_id=rid, study=self.config.name), phase)
+                # tagged "reused": the report counts its run time apart (it was spent by the other study)
+                self._save(dict(self.reuse.loc[rid].to_dict(), run_id=rid, study=self.config.name), phase + "+reused")
                 continue
             seen.add(rid)
             todo.append((phase, spec))

@@ -71,3 +71,23 @@ def test_the_readmes_study_numbers_are_the_reports(results):
     report = _pairs((REPO_ROOT / "reports" / "study.md").read_text())
     missing = [q for q in quoted if not any(_matches(q, r) for r in report)]
     assert not missing, f"README quotes {missing}, which reports/study.md does not have (regenerate, then update)"
+
+
+CONTROLS_CSV = REPO_ROOT / "reports" / "controls_results.csv"
+
+
+@pytest.mark.skipif(not CONTROLS_CSV.exists(), reason="no committed controls study in this checkout")
+def test_the_controls_chosen_rates_are_its_searchs_choice_and_the_report_is_current(tmp_path):
+    from sara_edu.study.config import CONTROLS_CHOSEN_LRS, CONTROLS_STUDY, FULL
+    from sara_edu.study.report import write_report
+
+    results = read_results(CONTROLS_CSV)
+    chosen, candidates = choose_lrs(CONTROLS_STUDY, results), lr_candidates(CONTROLS_STUDY, results)
+    assert {m: chosen[m] for m in CONTROLS_CHOSEN_LRS} == CONTROLS_CHOSEN_LRS
+    for m in CONTROLS_STUDY.methods:
+        assert min(candidates[m]) < chosen[m] < max(candidates[m]), (m, chosen[m], candidates[m])
+    assert all(chosen[m] == CHOSEN_LRS[m] for m in FULL.methods)  # FULL's runs, reused: the same choice
+    committed = (REPO_ROOT / "reports" / "controls.md").read_text()
+    out = write_report(CONTROLS_CSV, tmp_path / "reports" / "controls.md", study=CONTROLS_STUDY.name, root=REPO_ROOT)
+    fresh = out.read_text().replace(f"`{CONTROLS_CSV}`", "`reports/controls_results.csv`")
+    assert fresh.splitlines() == committed.splitlines()

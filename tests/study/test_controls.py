@@ -199,6 +199,6 @@ def test_a_run_with_the_same_run_id_in_another_file_is_copied_not_trained(tmp_pa
     runner.run([("main", spec), ("main", other)])
     assert trained == [other]  # only the run the donor file lacks is trained
     got = read_results(tmp_path / "out.csv").set_index("run_id").loc[spec.run_id(QUICK)]
-    assert got.study == QUICK.name and got.agreement == 0.5 and got.phase == "main"
+    assert got.study == QUICK.name and got.agreement == 0.5 and got.phase == "main+reused"
     with pytest.raises(ConfigError, match="reuse"):
         study.run_study(QUICK, tmp_path / "x.csv", reuse=[tmp_path / "missing.csv"], progress=False)
