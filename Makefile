@@ -33,9 +33,10 @@ LAB_DEFAULTS := $(VENV)/share/jupyter/lab/settings/overrides.d/sara-edu.json
 lab: $(STAMP) lab-settings
 	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
+# Widget state saved with notebooks; no news pop-up over the first cell (it asks to fetch news on first start).
 lab-settings:
 	mkdir -p $(dir $(LAB_DEFAULTS))
-	echo '{"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}}' > $(LAB_DEFAULTS)
+	echo '{"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}, "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $(LAB_DEFAULTS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

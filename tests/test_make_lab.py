@@ -42,6 +42,8 @@ def test_make_lab_saves_widget_state_with_notebooks(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run(["make", "lab-settings", f"VENV={venv}"], cwd=ROOT, check=True, capture_output=True)
     defaults = json.loads((venv / "share/jupyter/lab/settings/overrides.d/sara-edu.json").read_text())
-    assert defaults == {"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True}}
+    assert defaults["@jupyter-widgets/jupyterlab-manager:plugin"] == {"saveState": True}
+    # no "fetch news?" pop-up over notebook 00's first code cell
+    assert defaults["@jupyterlab/apputils-extension:notification"] == {"fetchNews": "false", "checkForUpdates": False}
     plan = subprocess.run(["make", "-n", "lab", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "overrides.d/sara-edu.json" in plan  # `make lab` writes it every time
