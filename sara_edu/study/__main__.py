@@ -17,7 +17,8 @@ def main(argv=None) -> None:
     run = sub.add_parser("run", help="run (or resume) the study, appending one CSV row per run")
     run.add_argument("--quick", action="store_true", help="the reduced grid CI runs (a minute or two)")
     run.add_argument("--study", default=None, choices=sorted(set(CONFIGS) - {QUICK.name}),
-                     help="which grid to run (default: full; 'controls' adds where-vs-how controls, ~10 CPU-hours)")
+                     help="which grid to run (default: full; 'controls': the where-vs-how controls, "
+                          "~2.5 CPU-hours for its seed 0)")
     run.add_argument("--out", default=None,
                      help="results CSV (default reports/study_results.csv; with --quick runs/study_quick.csv)")
     run.add_argument("--model", default=None, help="pretrained model folder (default: the shipped model)")

@@ -245,15 +245,16 @@ def seeds_text(df: pd.DataFrame, planned: int = 5) -> str:
             needs.append((f"SaRA − {label(other, rows)} on {col}",
                           pairs_needed(d, margin, None if question == "beats" else hib)))
     have, would = styles * seeds, styles * planned
+    seed_word = "seed" if seeds == 1 else "seeds"
     if not needs:
-        return (f"**Seeds.** {seeds} seeds ({have} pairs) settle every comparison of SaRA in the claims table; "
+        return (f"**Seeds.** {seeds} {seed_word} ({have} pairs) settle every comparison of SaRA in the claims table; "
                 f"{planned} seeds ({would} pairs) would add nothing to the verdicts.")
     listed = "; ".join(f"{what}: about {n} pairs" if n else f"{what}: more than 10,000 pairs" for what, n in needs)
     settled = [what for what, n in needs if n and n <= would]
     tail = (f"{planned} seeds ({would} pairs) would settle {', '.join(settled)}" if settled else
             f"{planned} seeds ({would} pairs) would settle none of them, so the grid keeps {seeds} and the CPU time "
             "went to the controls")
-    return (f"**Seeds.** {seeds} seeds ({have} pairs). The comparisons of SaRA that {have} pairs leave undecided "
+    return (f"**Seeds.** {seeds} {seed_word} ({have} pairs). The comparisons of SaRA that {have} pairs leave undecided "
             f"would need, if their means and spreads stayed as measured: {listed}. {tail}.")
 
 

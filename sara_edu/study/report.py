@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .claims import claims_table, seeds_text
-from .config import PRETRAINED
+from .config import CONFIGS, PRETRAINED
 from .figures import (
     FIGURES,
     figure_cost,
@@ -119,8 +119,6 @@ def _floor_text(df: pd.DataFrame) -> str:
 
 def completeness_text(df: pd.DataFrame) -> str:
     """How much of the planned main grid has finished (a study cut short is reported as such)."""
-    from .config import CONFIGS
-
     config = CONFIGS.get(df.study.iloc[0])
     if config is None:
         return ""
@@ -176,8 +174,6 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
         made[key] = save_png(make(df), folder / FIGURES[key].replace("study_", f"{out.stem}_", 1)).name
     machines = "; ".join(sorted(set(df.machine)))
     if notes is None:
-        from .config import CONFIGS
-
         config = CONFIGS.get(df.study.iloc[0])
         notes = config.notes if config is not None else ""
     try:
@@ -191,6 +187,10 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
             f"**Settings:** {settings_text(df)}", "", completeness_text(df), ""]
     if notes:
         text += [notes.strip(), ""]
+    others = sorted(p.name for p in {*folder.glob("*.md"), *csv.parent.glob("*.md")}
+                    if p.name != out.name and (p.stem in CONFIGS or p.stem == "study"))
+    if others:  # the other studies' reports beside this one (e.g. the where-vs-how controls)
+        text += ["Other reports of the course's studies: " + ", ".join(f"[{n}]({n})" for n in others) + ".", ""]
     controls = controls_table(df)
     if controls:
         text += ["## Where a method trains, and how", "",

@@ -84,7 +84,8 @@ def draw_samples(config: StudyConfig, results: pd.DataFrame, *, style: str, seed
         checks.append({"method": method, "label": name, "run_id": row.run_id,
                        **{f"csv_{c}": float(row[c]) for c in CHECKED},
                        **{f"retrained_{c}": float(again[c]) for c in CHECKED},
-                       "grid_pass": int(torch.as_tensor(passed).sum()), "grid_agree": int(torch.as_tensor(agrees).sum()),
+                       "grid_pass": int(torch.as_tensor(passed).sum()),
+                       "grid_agree": int(torch.as_tensor(agrees).sum()),
                        "grid_images": len(digits)})
     title = (f"'{style}', seed {seed}: one sample per digit 0-6 ({config.eval_steps} DDIM steps), "
              "pass/reject = quality gate, ✓/✗ = prompt agreement")
