@@ -9,7 +9,7 @@ study's budget is the first point where every style reaches the target::
     python -m sara_edu.study budget --steps 100 200 400 800 --out reports/budget.csv
 
 ``--methods`` draws the same curve for other methods, each at the rate the
-study chose for it (``CHOSEN_LRS``), with the training loss beside the
+study chose for it (``CHOSEN_LRS``, and ``CONTROLS_CHOSEN_LRS`` for the controls), with the training loss beside the
 agreement, so that no method is judged before it has saturated::
 
     python -m sara_edu.study budget --methods sara lora_matched full --styles elementfire hornify \
@@ -79,18 +79,24 @@ def shortest_budget(curve: pd.DataFrame, target: float = TARGET_AGREEMENT) -> in
     return int(reached.index.min()) if len(reached) else None
 
 
+def chosen_rates() -> dict[str, float]:
+    """Each method's searched learning rate: the full study's choices and the controls study's."""
+    from .config import CHOSEN_LRS, CONTROLS_CHOSEN_LRS
+
+    return {**CHOSEN_LRS, **CONTROLS_CHOSEN_LRS}
+
+
 def main(args) -> None:
     from ..io import atomic_write_bytes
 
-    from .config import CHOSEN_LRS
-
+    rates = chosen_rates()
     methods = args.methods or ["full"]
-    unknown = [m for m in methods if m not in CHOSEN_LRS]
+    unknown = [m for m in methods if m not in rates]
     if unknown:
-        raise SystemExit(f"--methods: no chosen learning rate for {unknown}; choose from {sorted(CHOSEN_LRS)}")
+        raise SystemExit(f"--methods: no chosen learning rate for {unknown}; choose from {sorted(rates)}")
     curves = []
     for m in methods:
-        lr = args.lr if args.methods is None else CHOSEN_LRS[m]
+        lr = args.lr if args.methods is None else rates[m]
         curves.append(budget_curve(checkpoints=args.steps, lr=lr, styles=args.styles or None, progress=True,
                                    method=m))
     curve = pd.concat(curves, ignore_index=True)

@@ -55,6 +55,8 @@ from .tables import (
 
 #: Budget curves per method, relative to the repository root (``python -m sara_edu.study budget --methods``).
 BUDGET_METHODS = Path("reports") / "budget_methods.csv"
+#: The controls' curves (hornify only), shown in the report of the study that has those methods.
+BUDGET_CONTROLS = Path("reports") / "budget_controls.csv"
 
 
 def findings(df: pd.DataFrame) -> list[str]:
@@ -243,13 +245,15 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
     if "cost" in made:
         text += [f"![Cost]({made['cost']})", ""]
     text += ["## Learning-rate search", "", lr_search_table(df), ""]
-    budget_csv = root / BUDGET_METHODS
-    if budget_csv.exists():
-        curve = pd.read_csv(budget_csv)
+    found = [(f, pd.read_csv(root / f)) for f in (BUDGET_METHODS, BUDGET_CONTROLS) if (root / f).exists()]
+    found = [(f, c) for f, c in found if set(c.method) & set(df.method)]  # the curves of this study's methods
+    if found:
+        curve = pd.concat([c for _, c in found], ignore_index=True)
         budget = int(main_rows(df).steps.max())
+        shown = ", ".join(f"`{f.as_posix()}`" for f, _ in found)
         text += ["## Budget per method", "",
                  f"Each method at its chosen rate, one run of {int(curve.step.max())} steps per style (the cosine "
-                 f"schedule of that run; `{BUDGET_METHODS.as_posix()}`, `python -m sara_edu.study budget "
+                 f"schedule of that run; {shown}, `python -m sara_edu.study budget "
                  "--methods ...`): prompt agreement on the style (training loss, mean of the 20 steps before) at "
                  f"each point. Saturated at the study's {budget} steps: less than {SATURATION:g} more agreement by "
                  "the last point.", "", budget_table(curve, budget), ""]

@@ -202,3 +202,16 @@ def test_a_run_with_the_same_run_id_in_another_file_is_copied_not_trained(tmp_pa
     assert got.study == QUICK.name and got.agreement == 0.5 and got.phase == "main+reused"
     with pytest.raises(ConfigError, match="reuse"):
         study.run_study(QUICK, tmp_path / "x.csv", reuse=[tmp_path / "missing.csv"], progress=False)
+
+
+def test_the_budget_curve_knows_every_methods_searched_rate():
+    import argparse
+
+    from sara_edu.study.budget import chosen_rates, main
+    from sara_edu.study.config import CHOSEN_LRS, CONTROLS_CHOSEN_LRS, CONTROLS_STUDY
+
+    rates = chosen_rates()
+    assert set(rates) >= set(CONTROLS_STUDY.methods)
+    assert all(rates[m] == CHOSEN_LRS.get(m, CONTROLS_CHOSEN_LRS.get(m)) for m in rates)
+    with pytest.raises(SystemExit, match="no chosen learning rate for \\['lora_mlp'\\]"):
+        main(argparse.Namespace(methods=["lora_mlp"], steps=[2], lr=1e-3, styles=None, out="unused.csv"))
