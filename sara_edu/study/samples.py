@@ -51,16 +51,12 @@ def draw_samples(config: StudyConfig, results: pd.DataFrame, *, style: str, seed
     from tqdm.auto import tqdm
 
     from ..world.classifier import load_classifier
-    from ..world.metrics import prompt_agreement
-    from ..world.model import generate
-    from ..world.quality import load_gate
-    from ..world.text import make_prompt
-    from .run import RunSpec, method_spec, run_one
+    from ..world.quality import judged_samples
+    from .run import RunSpec, _base_pipe, method_spec, run_one
 
     methods = [PRETRAINED, *config.methods] if methods is None else list(methods)
     digits = list(range(7))
-    prompts = [make_prompt(d, style) for d in digits]
-    clf, gate = load_classifier(), load_gate()
+    clf = load_classifier()
     grid, checks = {}, []
     for method in tqdm(methods, desc="retraining for the sample grid", disable=not progress):
         row = committed_row(results, method, style, seed)
@@ -71,14 +67,9 @@ def draw_samples(config: StudyConfig, results: pd.DataFrame, *, style: str, seed
                               f"({spec.run_id(config)}): the CSV is from other settings; report that study instead")
         trained = []
         again = run_one(spec, config, model, on_trained=trained.append)
-        pipe = trained[0] if trained else None
-        if pipe is None:  # the pretrained reference: nothing trained
-            from .run import _base_pipe
-
-            pipe = _base_pipe(model)
-        images = generate(pipe, prompts, steps=config.eval_steps, seed=seed, guidance_scale=config.guidance_scale)
-        passed = gate.passes(images, style, clf)
-        agrees = prompt_agreement(images, digits, style, clf, per_image=True)["agreement"]
+        pipe = trained[0] if trained else _base_pipe(model)  # the pretrained reference trains nothing
+        images, passed, agrees = judged_samples(pipe, style, digits, seed=seed, steps=config.eval_steps,
+                                                guidance_scale=config.guidance_scale, classifier=clf)
         name = label(method, results)
         grid[name] = (images, passed, agrees)
         checks.append({"method": method, "label": name, "run_id": row.run_id,
@@ -94,6 +85,7 @@ def draw_samples(config: StudyConfig, results: pd.DataFrame, *, style: str, seed
 
 def sample_figure(rows: dict, suptitle: str):
     """``rows``: ``{label: (images, passed, agrees)}`` -> one row of tiles per label, each titled with its verdicts."""
+    from ..world.quality import verdict_title
     from .figures import _figure
 
     labels = list(rows)
@@ -108,7 +100,7 @@ def sample_figure(rows: dict, suptitle: str):
             ax.set_yticks([])
             if c < len(pictures):
                 ax.imshow(pictures[c], interpolation="nearest")
-                ax.set_title(("pass" if passed[c] else "reject") + (" ✓" if agrees[c] else " ✗"), fontsize=7)
+                ax.set_title(verdict_title(passed[c], agrees[c]), fontsize=7)
         axes[r, 0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(suptitle, fontsize=8)
     fig.tight_layout()

@@ -127,6 +127,28 @@ def _fitted(classifier: ReferenceClassifier) -> QualityGate:
     return fit_gate(classifier)
 
 
+def judged_samples(pipe, style: str, digits, *, seed: int = 0, steps: int = 25, guidance_scale: float = 3.0,
+                   classifier: ReferenceClassifier | None = None):
+    """One sample per digit for ``"a digit k, <style> style"``, each with the gate's verdict and the classifier's
+    prompt agreement: ``(images, passed, agrees)``, what a sample grid beside a metric table shows."""
+    from .metrics import prompt_agreement
+    from .model import generate
+    from .text import make_prompt
+
+    classifier = classifier or load_classifier()
+    digits = list(digits)
+    images = generate(pipe, [make_prompt(d, style) for d in digits], steps=steps, seed=seed,
+                      guidance_scale=guidance_scale)
+    passed = load_gate(classifier).passes(images, style, classifier)
+    agrees = prompt_agreement(images, digits, style, classifier, per_image=True)["agreement"]
+    return images, passed, agrees
+
+
+def verdict_title(passed, agrees) -> str:
+    """A sample's title in a grid: the gate's verdict and the classifier's (``"pass ✓"``, ``"reject ✗"``, ...)."""
+    return ("pass" if passed else "reject") + (" ✓" if agrees else " ✗")
+
+
 def corruptions(images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
     """Images a person would reject, made from real ones: noise, pixel-shuffled, blurred (3x3 box)."""
     g = torch.Generator().manual_seed(seed)

@@ -192,11 +192,11 @@ def summary_table(comparison: Comparison, metrics: pd.DataFrame | None = None) -
 def gate_figure(rows: dict, suptitle: str | None = None):
     """A sample grid that shows what the scores count: ``rows`` is ``{label: (images, passed, agrees)}``;
     each image is titled pass / reject (the quality gate) and ✓ / ✗ (the classifier's prompt agreement)."""
+    from ...world.quality import verdict_title
     from ..display import show_images
 
     images = torch.cat([r[0] for r in rows.values()])
-    titles = [("pass" if p else "reject") + (" ✓" if a else " ✗")
-              for _, passed, agrees in rows.values() for p, a in zip(passed, agrees)]
+    titles = [verdict_title(p, a) for _, passed, agrees in rows.values() for p, a in zip(passed, agrees)]
     return show_images(images, titles, nrow=len(next(iter(rows.values()))[0]), row_labels=list(rows),
                        suptitle=suptitle or "Gate verdict per sample (✓/✗: the classifier's prompt agreement)")
 
@@ -205,21 +205,14 @@ def gated_samples(pipes, style: str, *, digits=range(7), seed: int = 0, steps: i
                   guidance_scale: float = 3.0):
     """One sample per digit and model for ``"a digit k, <style> style"``, marked with what the metric table
     counts: does it pass the quality gate (:mod:`sara_edu.world.quality`), does the classifier agree?"""
-    from ...world.metrics import prompt_agreement
-    from ...world.model import generate
-    from ...world.quality import load_gate
-    from ...world.text import make_prompt
+    from ...world.quality import judged_samples
 
     pipes = _check_pipes(pipes)
     digits = list(digits)
     if not digits:
         raise ConfigError("digits must name at least one digit, e.g. range(7)")
-    gate, rows = load_gate(), {}
-    prompts = [make_prompt(d, style) for d in digits]
-    for label, pipe in pipes.items():
-        images = generate(pipe, prompts, steps=steps, seed=seed, guidance_scale=guidance_scale)
-        agrees = prompt_agreement(images, digits, style, per_image=True)["agreement"]
-        rows[label] = (images, gate.passes(images, style), agrees)
+    rows = {label: judged_samples(pipe, style, digits, seed=seed, steps=steps, guidance_scale=guidance_scale)
+            for label, pipe in pipes.items()}
     return gate_figure(rows, f"'{style}' digits {digits[0]}..{digits[-1]}, seed {seed}, {steps} DDIM steps: "
                              "pass/reject = quality gate, ✓/✗ = prompt agreement")
 
