@@ -12,5 +12,7 @@ notebook                                module
 ======================================  ==========================================
 
 Shared by all: :mod:`.notebook` (QUICK vs full, set-up, timing), :mod:`.display`
-(image grids) and :mod:`.widgets` (sliders that degrade to static figures).
+(image grids) and :mod:`.widgets` (sliders that degrade to static figures). The graded
+exercises have their own checkers: :mod:`.exercises` (SaRA, notebook 03) and :mod:`.lora_exercises` (LoRA,
+notebook 04).
 """

@@ -227,17 +227,25 @@ CHECKS = {"select_mask": check_mask, "keep_selected": check_keep_selected,
           "progressive_keep": check_progressive}
 
 
-def ready(**pieces) -> bool:
-    """Check every piece (by the names of :data:`CHECKS`); print the verdicts; True when all pass."""
-    missing = sorted(set(CHECKS) - set(pieces))
+def report(checks: dict, pieces: dict, waiting: str) -> bool:
+    """Run ``checks[name](fn)`` for every piece; print the verdicts (and ``waiting`` unless all pass)."""
+    missing = sorted(set(checks) - set(pieces))
     if missing:
-        raise TypeError(f"ready() needs all five pieces; missing {missing}")
-    verdicts = [CHECKS[name](fn) for name, fn in pieces.items()]
+        raise TypeError(f"ready() needs all {len(checks)} pieces; missing {missing}")
+    unknown = sorted(set(pieces) - set(checks))
+    if unknown:
+        raise TypeError(f"ready() got unknown piece(s) {unknown}; the pieces are {sorted(checks)}")
+    verdicts = [checks[name](fn) for name, fn in pieces.items()]
     for v in verdicts:
         print(v)
     if not all(verdicts):
-        print("The equality check runs once all five pieces pass (the ✗ lines say what to fix).")
+        print(waiting)
     return all(verdicts)
+
+
+def ready(**pieces) -> bool:
+    """Check every piece (by the names of :data:`CHECKS`); print the verdicts; True when all pass."""
+    return report(CHECKS, pieces, "The equality check runs once all five pieces pass (the ✗ lines say what to fix).")
 
 
 def strip_solutions(source: str) -> str:

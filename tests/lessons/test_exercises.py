@@ -92,13 +92,14 @@ def test_a_piece_that_crashes_is_reported_not_raised():
     assert not verdict and "raised AttributeError" in verdict.message
 
 
-def test_the_learners_notebook_is_the_solved_one_stripped():
-    assert json.loads(LEARNER.read_text()) == exercises.learner_notebook(SOLVED), (
-        "notebooks/03 drifted from its solved version: edit notebooks/solutions/03_sara_step_by_step.ipynb, then "
-        "python -m sara_edu.lessons.exercises notebooks/solutions/03_sara_step_by_step.ipynb "
-        "notebooks/03_sara_step_by_step.ipynb")
-    learner = LEARNER.read_text()
-    assert "# BEGIN SOLUTION" not in learner and learner.count(exercises.TODO.replace('"', '\\"')) == 5
+@pytest.mark.parametrize("name, pieces", [("03_sara_step_by_step.ipynb", 5), ("04_sara_vs_lora.ipynb", 3)])
+def test_the_learners_notebook_is_the_solved_one_stripped(name, pieces):
+    solved, learner = REPO_ROOT / "notebooks" / "solutions" / name, REPO_ROOT / "notebooks" / name
+    assert json.loads(learner.read_text()) == exercises.learner_notebook(solved), (
+        f"notebooks/{name} drifted from its solved version: edit notebooks/solutions/{name}, then "
+        f"python -m sara_edu.lessons.exercises notebooks/solutions/{name} notebooks/{name}")
+    text = learner.read_text()
+    assert "# BEGIN SOLUTION" not in text and text.count(exercises.TODO.replace('"', '\\"')) == pieces
 
 
 def test_handouts_refuse_what_is_not_a_notebook_and_use_the_solved_version(tmp_path):
