@@ -19,14 +19,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sara_edu"
 # folder -> the folders it may import from (lazily or not). Top-level modules count as folders.
 ALLOWED = {
     "errors": set(),
+    "colours": set(),
     "io": {"errors"},
     "sara": {"errors", "io"},
     "measure": {"errors"},
     "training": {"errors", "io", "sara"},
     "world": {"errors", "io", "training"},  # the recipes pretrain with the shared loop
     "sd": {"errors", "io", "training", "world"},
-    "study": {"errors", "io", "sara", "training", "world", "measure"},
-    "lessons": {"errors", "io", "sara", "training", "world", "sd", "measure", "study"},
+    "study": {"errors", "io", "sara", "training", "world", "measure", "colours"},
+    "lessons": {"errors", "io", "sara", "training", "world", "sd", "measure", "study", "colours"},
 }
 
 

@@ -56,7 +56,11 @@ _CHECK_04 = ("import json\n"
 # Notebook 03 section 5: the spectrum table the QUICK prose quotes.
 _CHECK_03 = ("import json\n"
              "print('CHECK ' + json.dumps({'rank_90': spectra.groupby('run', sort=False)['rank_90'].mean().to_dict()}))")
-POST_CHECKS = {"04_sara_vs_lora.ipynb": _CHECK_04, "03_sara_step_by_step.ipynb": _CHECK_03}
+# Notebook 05: every cost in its table is a number (a NaN step time once left the figure's panel empty).
+_CHECK_05 = ("import math\n"
+             "assert all(math.isfinite(v) for v in summary.drop(columns='trainable values').to_numpy().ravel()), summary")
+POST_CHECKS = {"04_sara_vs_lora.ipynb": _CHECK_04, "03_sara_step_by_step.ipynb": _CHECK_03,
+               "05_stable_diffusion_gpu.ipynb": _CHECK_05}
 
 
 def _quick_facts(nb) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..colours import method_colour
 from ..errors import CheckpointError
 from ..sd.load import SD15_ID, StableDiffusionAdapter, load_stable_diffusion
 from ..sd.tiny import tiny_sd_pipeline
@@ -33,17 +34,22 @@ def load_or_stand_in(model_id_or_path=SD15_ID, device=None) -> tuple["StableDiff
 SUMMARY_COLUMNS = ("peak memory (MB)", "step time (s, median)", "saved file (MB)")
 
 
-def training_step_time(history, device, skip: int = 1) -> float:
-    """Median seconds per training step after ``skip`` warm-up steps, or NaN where it would not be fair.
+def training_step_time(history, device, tracked_steps: int = 2) -> float:
+    """Median seconds per training step of the steps that ran without the memory tracker.
 
-    On CUDA the notebook trains without the memory tracker and the steps' wall times
-    are what the benchmark measures too. On a CPU the notebook trains *with* the
-    tracker (it is how the CPU's memory is counted), which slows every operation:
-    those times would compare the tracker, not the methods, so none is reported
-    (``benchmarks/memory_time.py`` times CPU steps fairly).
+    On CUDA the notebook trains without the tracker (the allocator gives the peak); the first step pays
+    one-off costs (allocations, kernel selection) and is left out. On a CPU the tracker counts the memory of the
+    attach and the first ``tracked_steps`` steps and then stops (:meth:`MemoryTracker.stop_after`), because it
+    slows every operation; the later steps are timed. These are one run's wall times, one method after the
+    other: ``benchmarks/memory_time.py`` times the methods interleaved, in process CPU time, for ratios to quote.
+    Raises :class:`ConfigError` when no step is left to time.
     """
-    if torch.device(device).type != "cuda" or len(history) <= skip:
-        return float("nan")
+    from ..errors import ConfigError
+
+    skip = 1 if torch.device(device).type == "cuda" else tracked_steps
+    if len(history) <= skip:
+        raise ConfigError(f"{len(history)} training steps leave none to time after the {skip} "
+                          f"{'warm-up' if skip == 1 else 'tracked'} step(s): train at least {skip + 1} steps")
     return float(history.step_time_s.iloc[skip:].median())
 
 
@@ -51,12 +57,12 @@ def plot_sd_summary(summary, full_unet_mb: float, title: str = ""):
     """Notebook 05's cost figure: peak memory, median step time and saved file size per method.
 
     ``summary``: one row per method (index: method name) with :data:`SUMMARY_COLUMNS`.
-    The file sizes span orders of magnitude (an adapter of a few MB beside a UNet of
-    gigabytes), so that panel is log-scale, with a label per decade only and the
-    full UNet (``full_unet_mb``, fp32) as a dashed line; every bar carries its value.
+    Every panel is a linear axis from 0, so bar heights compare as the numbers do (a log axis
+    with a cut-off base made a 2.2x gap look like 6x). The whole UNet (``full_unet_mb``, fp32)
+    would dwarf the files, so it is named in the file panel's title and each file bar says
+    which share of it it is.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     from ..errors import ConfigError
 
@@ -66,7 +72,7 @@ def plot_sd_summary(summary, full_unet_mb: float, title: str = ""):
     if not full_unet_mb > 0:
         raise ConfigError(f"full_unet_mb must be the size of the whole UNet in MB (> 0), got {full_unet_mb!r}")
     names = list(summary.index)
-    colours = [{"SaRA": "tab:red", "LoRA": "tab:blue"}.get(n, "0.5") for n in names]
+    colours = [method_colour(n) for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
     for ax, column in zip(axes, SUMMARY_COLUMNS):
         values = summary[column].astype(float)
@@ -74,19 +80,13 @@ def plot_sd_summary(summary, full_unet_mb: float, title: str = ""):
         ax.set_xticks(range(len(names)), names)
         ax.set_title(column, fontsize=10)
         for x, v in enumerate(values):
-            ax.text(x, v, f"{v:,.0f}" if v >= 100 else f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+            text = f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+            if column == SUMMARY_COLUMNS[2]:
+                text += f"\n({v / full_unet_mb:.1%} of the UNet)"
+            ax.text(x, v, text, ha="center", va="bottom", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    files = axes[2]
-    files.axhline(full_unet_mb, color="grey", ls="--", label=f"full UNet (fp32): {full_unet_mb:,.0f} MB")
-    files.set_yscale("log")
-    low = min(float(summary[SUMMARY_COLUMNS[2]].min()), full_unet_mb)
-    files.set_ylim(low / 3, full_unet_mb * 4)  # room for the labels above the bars and the line
-    files.yaxis.set_major_locator(LogLocator(base=10, numticks=8))  # one label per decade
-    files.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    files.yaxis.set_minor_formatter(NullFormatter())  # minor ticks stay, unlabelled
-    files.legend(fontsize=7, loc="upper left")
-    for ax in axes[:2]:
-        ax.set_ylim(0, max(float(ax.get_ylim()[1]), 1e-9) * 1.12)
+        ax.set_ylim(0, max(float(values.max()), 1e-9) * 1.3)  # from 0, with room for the labels
+    axes[2].set_title(f"{SUMMARY_COLUMNS[2]}\nfull UNet (fp32): {full_unet_mb:,.3g} MB", fontsize=10)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

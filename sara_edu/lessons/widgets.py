@@ -10,6 +10,14 @@ reopened without a kernel, where the controls themselves cannot be drawn). When 
 when one moves, redraws *that same output in place* (a display id update), so
 the page never fills up with stale figures.
 
+A display id update reaches only the page that received the display: after a
+page reload (kernel still running) the outputs come from the saved file, which
+keeps no display ids, so the update would be dropped and the figure would never
+change again. A slider move therefore also draws the result into an ``Output``
+widget in the control box, which the reloaded page restores from the kernel like
+the sliders; a CSS rule sent with it hides the cell's (now stale) static outputs
+below the box, so one figure shows, in the same place.
+
 The logic behind a widget is a plain function ``fn(**values)`` that returns what
 to show (a matplotlib Figure, a DataFrame, a string for Markdown, or a tuple of
 these): it can be unit-tested without any widget.
@@ -198,7 +206,9 @@ class InteractiveView:
         self._handles: list = []
         self._holding = False
         self._status = None
+        self._live = None  # an ipywidgets.Output in the box: what a slider move draws (see the module doc)
         self.box = None
+        self.mark = f"sara-view-{id(self):x}"  # a CSS class on the box, so its own cell's static outputs can hide
 
     @property
     def values(self) -> dict:
@@ -227,8 +237,12 @@ class InteractiveView:
             for fig in new:
                 plt.close(fig)
 
-    def refresh(self, *_):
-        """Recompute with the current control values and update the shown outputs in place."""
+    def refresh(self, *_, live: bool = False):
+        """Recompute with the current control values and update the shown outputs in place.
+
+        ``live``: a control moved in a front end (the observer passes it): also draw into the box's ``Output``
+        widget, which survives a page reload where the display id update does not.
+        """
         if self._holding:
             return
         import matplotlib.pyplot as plt
@@ -246,14 +260,32 @@ class InteractiveView:
             self._set_status(f"<span style='color:#b00; white-space:nowrap' title=\"{message}\">error: {message}</span>")
             return
         self.error = None
-        if self._handles:
+        shown = [_displayable(item) for item in self.items]
+        if self._handles:  # the static outputs: what a save keeps (unless the page was reloaded meanwhile)
             from IPython.display import Markdown
 
             for i, handle in enumerate(self._handles):
-                handle.update(_displayable(self.items[i]) if i < len(self.items) else Markdown(""))
-            for fig in new:
-                plt.close(fig)
+                handle.update(shown[i] if i < len(shown) else Markdown(""))
+        if live and self._live is not None:
+            self._draw_live(shown)
+        for fig in new:
+            plt.close(fig)
         self._set_status("")
+
+    def _draw_live(self, shown) -> None:
+        """Show ``shown`` in the box's Output widget and hide the static outputs below the box (same cell)."""
+        from IPython.display import HTML, clear_output, display
+
+        hide = (f"<style>.jp-OutputArea-child:has(.{self.mark}) ~ .jp-OutputArea-child {{display: none}}"
+                f" .{self.mark} .jp-OutputArea-child {{padding: 0}}</style>")
+        with self._live:
+            clear_output(wait=True)  # the old figure stays until the new one arrives: no flicker, no jump
+            for item in shown:
+                display(item)
+            display(HTML(hide))  # after the figure: it hides the static copy only once the live one is there
+
+    def _on_change(self, change) -> None:
+        self.refresh(live=True)
 
     def update(self, **values):
         """Set several controls (or fixed values) at once and redraw once; returns ``result``."""
@@ -285,11 +317,13 @@ class InteractiveView:
             return None
         _line_up(live)
         for c in live:
-            c.observe(self.refresh, names="value")
+            c.observe(self._on_change, names="value")
         # a reserved line: showing "updating…" must not push the figure down and back up on every redraw
         self._status = w.HTML("", layout=w.Layout(height=STATUS_HEIGHT, overflow="hidden"))
+        self._live = w.Output()
         header = [w.HTML(f"<b>{title}</b>")] if title else []
-        self.box = w.VBox([*header, *live, self._status])
+        self.box = w.VBox([*header, *live, self._status, self._live])
+        self.box.add_class(self.mark)
         return self.box
 
     def _ipython_display_(self):

@@ -190,6 +190,18 @@ class MemoryTracker:
             h.remove()
         self._hooks.clear()
 
+    def stop_after(self, steps: int):
+        """A ``train(callback=...)`` that calls :meth:`stop` after ``steps`` optimizer steps: the attach and the
+        first steps are counted (by then the optimizer state exists), the later steps run untracked and can be timed."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ConfigError(f"steps must be a positive integer (the steps to track), got {steps!r}")
+
+        def stop_tracking(step, pipe, optimizer):
+            if step == steps:
+                self.stop()
+
+        return stop_tracking
+
     # --------------------------------------------------------------- counting
     @property
     def peak_bytes(self) -> int:

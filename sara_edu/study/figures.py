@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import METHOD_LABELS, PRETRAINED
+from .config import PRETRAINED
 from .select import in_phase, label, main_rows, methods_in
 from .stats import seed_stats, style_mean_stats
 from .tables import METRICS
@@ -31,10 +31,9 @@ def save_png(fig, path: Path) -> Path:
 
 
 def _colors(methods):
-    import matplotlib
+    from ..colours import method_colour  # the notebooks' colours: SaRA red, LoRA blue, full fine-tuning green
 
-    cmap = matplotlib.colormaps["tab10"]
-    return {m: cmap(i) for i, m in enumerate(METHOD_LABELS) if m in methods}
+    return {m: method_colour(m) for m in methods}
 
 
 def figure_table1(df: pd.DataFrame):

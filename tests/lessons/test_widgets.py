@@ -144,8 +144,16 @@ def test_inside_an_ipython_shell_outputs_are_displayed_with_ids_and_updated_in_p
     assert shown[1].data.startswith(b"\x89PNG") and "image/png" in shown[1]._repr_mimebundle_()[0]
     assert plt.get_fignums() == []  # closed, so the inline backend does not draw it twice
     view.controls["x"].value = 2.0
-    assert len(shown) == 2 and len(updated) == 1 and calls[-1] == (2.0, "m", 1.0)
+    assert len(updated) == 1 and calls[-1] == (2.0, "m", 1.0)
     assert isinstance(updated[0], IPython.display.Image) and updated[0].data != shown[1].data  # the new figure
+    # a slider move also draws into the box's Output widget (it survives a page reload, the display id does not),
+    # then the rule that hides the static copy below the box: only in this view's cell, and after the figure
+    live, hide = shown[2:]
+    assert isinstance(live, IPython.display.Image) and live.data == updated[0].data
+    assert isinstance(hide, IPython.display.HTML) and f".{view.mark}" in hide.data and "display: none" in hide.data
+    assert view.mark in view.box._dom_classes
+    view.update(x=1.5)  # code, not a front end: the static outputs only
+    assert len(shown) == 4 and len(updated) == 2
 
 
 def test_a_failing_redraw_leaves_no_half_drawn_figure_behind():

@@ -8,6 +8,7 @@ import torch
 from ...errors import ConfigError
 from ...measure.memory import CATEGORIES, MB, MemoryReport
 
+from ...colours import method_colour
 from .training import COLOURS, REFERENCE, Comparison
 
 # ------------------------------------------------------------------ costs
@@ -33,7 +34,7 @@ def memory_breakdown_frame(obj) -> pd.DataFrame:
 
 
 def _colour(name):
-    return COLOURS.get(name, None)
+    return COLOURS.get(name) or method_colour(name)
 
 
 def _short_names(names, width: int = 12) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ...colours import method_colour
 from ...errors import ConfigError
 from ...measure.memory import MB, MemoryReport, MemoryTracker
 from ...training.loop import pick_device
@@ -25,9 +26,9 @@ _ALIASES = {"sara": "SaRA", "lora": "LoRA", "full": "full fine-tuning", "full fi
 CONTROL_METHODS = {"SaRA on attention": "sara_attention", "LoRA everywhere": "lora_everywhere",
                    "full FT of attention": "full_attention", "LoRA r=4": "lora_r4"}
 _ALIASES.update({k.lower(): k for k in CONTROL_METHODS} | {v: k for k, v in CONTROL_METHODS.items()})
-# One colour per method everywhere in the course's comparison figures.
-COLOURS = {REFERENCE: "0.55", "SaRA": "tab:red", "LoRA": "tab:blue", "full fine-tuning": "tab:green",
-           "selective (no UB)": "tab:purple"}
+# One colour per method in every figure of the course and the study (sara_edu.colours).
+COLOURS = {name: method_colour(name) for name in (REFERENCE, "SaRA", "LoRA", "full fine-tuning", "selective (no UB)",
+                                                  *CONTROL_METHODS)}
 
 
 # ------------------------------------------------------------------ methods
@@ -299,15 +300,10 @@ def finetune_one(pipe, dataset, method: TrainingMethod, *, name: str | None = No
     work.to(pick_device(train_kwargs.pop("device", None)))  # before tracking: the tracker follows the model's device
     unet = work.unet
     tracker = MemoryTracker(model=unet)
-
-    def stop_tracking(step, pipe, optimizer):
-        if step == tracked_steps:
-            tracker.stop()
-
     start = time.perf_counter()
     with tracker:
         history = train(work, dataset, tracker.watching(method), steps=steps, lr=lr, batch_size=batch_size,
-                        seed=seed, device=work.device, progress=progress, desc=name, callback=stop_tracking,
+                        seed=seed, device=work.device, progress=progress, desc=name, callback=tracker.stop_after(tracked_steps),
                         memory_tracker=tracker, **train_kwargs)
     seconds = time.perf_counter() - start
     report = tracker.report(unet)
