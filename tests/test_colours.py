@@ -32,3 +32,12 @@ def test_notebook_05s_cost_figure_draws_sara_and_lora_in_their_colours():
     fig = plot_sd_summary(summary, full_unet_mb=10.0)
     bars = [to_hex(p.get_facecolor()) for p in fig.axes[0].patches]
     assert bars == [method_colour("SaRA"), method_colour("LoRA")]
+
+
+def test_the_memory_parts_use_no_method_colour():
+    """A stacked memory bar in red would read as SaRA's: the parts take colours no method has."""
+    from matplotlib.colors import to_hex
+
+    from sara_edu.lessons.sara_vs_lora.figures import MEMORY_COLOURS
+
+    assert not {to_hex(c) for c in MEMORY_COLOURS} & {to_hex(c) for c in BY_KEY.values()}

@@ -31,6 +31,8 @@ import nbformat
 import pytest
 import torch
 
+from sara_edu.lessons.notebook import PRINT_WIDTH  # the widest line a notebook may print
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -199,6 +201,11 @@ def _check_saved_outputs(nb, name: str) -> None:
         if cell.cell_type != "code":
             continue
         bundles = [o.get("data", {}) for o in cell.outputs]
+        for o in cell.outputs:  # the browser wraps a longer printed line wherever it likes, often mid-word
+            lines = [ln.split("\r")[-1] for ln in o.get("text", "").split("\n")] if o.get("output_type") == "stream" else []
+            long = [ln for ln in lines if len(ln) > PRINT_WIDTH and " " in ln.strip() and not ln.startswith("CHECK ")]
+            assert not long, (f"{name} cell {i} prints a line over {PRINT_WIDTH} characters: print it with "
+                              f"sara_edu.lessons.notebook.say (it wraps between words): {long[0][:120]!r}")
         if "interactive_or_static(" in cell.source:
             assert any("image/png" in b for b in bundles), f"{name} cell {i}: a widget cell must leave a PNG of its figure"
         elif any(WIDGET_MIME in b for b in bundles):

@@ -59,12 +59,32 @@ def choose(*, quick, full):
     return quick if is_quick() else full
 
 
+#: The widest printed line. JupyterLab's notebook column holds about 100 characters of output (laptop screen,
+#: file browser open); a longer line wraps wherever the browser breaks it, often in the middle of a word.
+PRINT_WIDTH = 100
+
+
+def wrap(text: str, width: int = PRINT_WIDTH) -> str:
+    """``text`` with each line longer than ``width`` broken between words (continuations indented by 2 spaces).
+    A single word longer than ``width`` (a long path) stays whole."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False,
+                                   break_on_hyphens=False) if len(line) > width else line
+                     for line in str(text).split("\n"))
+
+
+def say(*parts, sep: str = " ") -> None:
+    """``print`` for notebook cells, with lines wrapped between words at :data:`PRINT_WIDTH`."""
+    print(wrap(sep.join(map(str, parts))))
+
+
 def setting_banner(**values) -> str:
-    """One line naming the setting in use and its values, e.g. for the top of a notebook."""
+    """The setting in use and its values, e.g. for the top of a notebook (wrapped at :data:`PRINT_WIDTH`)."""
     name = ("QUICK setting (for CI and a first look; unset SARA_EDU_QUICK for the full one)" if is_quick()
             else "FULL setting (set SARA_EDU_QUICK=1 for a quick run)")
     details = ", ".join(f"{k}={v}" for k, v in values.items())
-    return f"{name}" + (f": {details}" if details else "")
+    return wrap(f"{name}" + (f": {details}" if details else ""))
 
 
 def setup_notebook(seed: int = 0, *, needs_model: bool = True, **setting) -> None:

@@ -98,6 +98,27 @@ class ScratchSaRA:
                     del getattr(self, state)[name]
 
 
+def theta_scope(model, fraction: float = 0.1) -> dict:
+    """Does it matter that θ counts biases and normalisation weights? Measured on ``model``'s parameters.
+
+    ``theta``: the ``fraction`` quantile of |w| over every parameter (SaRA's θ); ``theta_weights_only``: over
+    the weight tensors alone (no biases, no normalisation weights); ``bias_share`` / ``norm_share``: the
+    share of the selected entries (|w| < θ) that are biases / normalisation weights.
+    """
+    from ..sara.selection import abs_quantile
+
+    named = dict(model.named_parameters())
+    kind = {n: "bias" if n.endswith(".bias") else "norm" if "norm" in n else "weight" for n in named}
+    theta = abs_quantile(list(named.values()), fraction)
+    selected = {k: 0 for k in ("weight", "bias", "norm")}
+    for n, p in named.items():
+        selected[kind[n]] += int((p.detach().abs() < theta).sum())
+    total = max(sum(selected.values()), 1)
+    return {"theta": theta,
+            "theta_weights_only": abs_quantile([p for n, p in named.items() if kind[n] == "weight"], fraction),
+            "bias_share": selected["bias"] / total, "norm_share": selected["norm"] / total}
+
+
 def fixed_batches(pipe, dataset, steps: int, batch_size: int = 8, seed: int = 0) -> list[dict]:
     """``steps`` denoising batches drawn once, so two optimizers can be fed exactly the same data.
 
@@ -503,7 +524,7 @@ def max_difference(images_a, images_b) -> float:
     return float((images_a.float() - images_b.float()).abs().max()) if images_a.numel() else 0.0
 
 
-__all__ = ["mask_figure", "weight_update", "update_spectrum", "matrix_weights", "rank_for_energy", "spectrum_table",
+__all__ = ["theta_scope", "mask_figure", "weight_update", "update_spectrum", "matrix_weights", "rank_for_energy", "spectrum_table",
            "plot_update_spectra", "churn_by_kind", "progressive_summary", "plot_progressive", "STATE_OPTIONS",
            "state_bytes_table", "plot_state_bytes", "file_size_table", "plain_model_check", "max_difference"]
 

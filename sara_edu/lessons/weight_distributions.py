@@ -547,7 +547,9 @@ def plot_stability(snapshots, fraction: float = 0.1, scope: str = "global"):
     ax.set_ylabel("overlap (fraction of the set)")
     ax.set_ylim(0, 1.08)
     ax.set_title(f"Are the smallest {fraction:.0%} the same\nweights over training?", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    # upper left: the overlaps grow with pretraining, so the curves leave that corner empty (lower right, the
+    # legend sat on the chance line)
+    ax.legend(fontsize=7, loc="upper left")
     first = snapshots[0]
     pct = final_percentiles(first, snapshots[-1], fraction).numpy()
     right.hist(pct, bins=50, range=(0, 100), color="tab:purple")

@@ -4,8 +4,8 @@ from __future__ import annotations
 from ..errors import ConfigError
 
 
-def sara_overview_figure(weight=None, *, fraction: float = 0.25, grow: float = 0.35, size: int = 12,
-                         seed: int = 0):
+def sara_overview_figure(weight=None, *, fraction: float = 0.25, theta: float | None = None, theta_from: str = "",
+                         grow: float = 0.35, size: int = 12, seed: int = 0):
     """SaRA in one picture: four panels on one small weight matrix.
 
     1. the pretrained weights, with the smallest ``fraction`` of |w| (below θ) outlined;
@@ -17,6 +17,9 @@ def sara_overview_figure(weight=None, *, fraction: float = 0.25, grow: float = 0
 
     ``weight``: any 2-D (or conv) tensor, e.g. a layer of the shipped model; a
     ``size`` x ``size`` corner is shown. Without it a random matrix stands in.
+    ``theta``: SaRA's θ as SaRA sets it, one value for the whole model (e.g. the 10%
+    quantile of |w| over every UNet parameter; ``theta_from`` says so in the title);
+    without it θ is the ``fraction`` quantile of the corner itself, a toy θ.
     The "training" in panels 3-4 is simulated with seeded random updates:
     the figure explains the mechanism, it is not a training result.
     """
@@ -26,6 +29,8 @@ def sara_overview_figure(weight=None, *, fraction: float = 0.25, grow: float = 0
 
     if not 0 < fraction < 1:
         raise ConfigError(f"fraction must be between 0 and 1, got {fraction}")
+    if theta is not None and not (isinstance(theta, (int, float)) and theta > 0):
+        raise ConfigError(f"theta must be a positive number (SaRA's |w| < θ), got {theta!r}")
     rng = np.random.default_rng(seed)
     if weight is None:
         w = rng.standard_normal((size, size)) * 0.05
@@ -36,8 +41,11 @@ def sara_overview_figure(weight=None, *, fraction: float = 0.25, grow: float = 0
         if w.shape[0] < size or w.shape[1] < size:
             raise ConfigError(f"weight {w.shape} is smaller than the {size}x{size} crop; pass a bigger layer or smaller size")
         w = w[:size, :size]
-    theta = float(np.quantile(np.abs(w), fraction))
+    given = theta is not None
+    theta = float(theta) if given else float(np.quantile(np.abs(w), fraction))
     mask = np.abs(w) < theta
+    if not mask.any():
+        raise ConfigError(f"no entry of this {size}x{size} corner is below θ = {theta:.3g}: pick another layer")
     # simulated training: trainable entries move; some end up above θ
     delta = np.zeros_like(w)
     trained = np.flatnonzero(mask)
@@ -57,7 +65,9 @@ def sara_overview_figure(weight=None, *, fraction: float = 0.25, grow: float = 0
     im = ax.imshow(np.abs(w), cmap="Greys", vmin=0, vmax=vmax)
     ys, xs = np.nonzero(mask)
     ax.scatter(xs, ys, s=60, facecolors="none", edgecolors="tab:red", linewidths=1.2)
-    ax.set_title(f"1. pretrained |w|\nred: smallest {fraction:.0%} (|w| < θ = {theta:.2g})", fontsize=9)
+    circled = f"|w| < θ = {theta:.2g}" + (f"\n({theta_from})" if theta_from else "") if given else \
+        f"smallest {fraction:.0%} (|w| < θ = {theta:.2g})"
+    ax.set_title(f"1. pretrained |w|\nred: {circled}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="|w| (weight units)")
     ax = axes[1]
     ax.imshow(mask, cmap=ListedColormap(["#dddddd", "tab:red"]), vmin=0, vmax=1)

@@ -57,6 +57,8 @@ MB = 2**20
 
 # Categories, in the order they are stacked in plots.
 CATEGORIES = ("trainable_values", "optimizer_state", "gradients", "method_buffers", "activations_transients")
+#: What tables, legends and axes call each category.
+CATEGORY_LABELS = {c: c.replace("_", " ") for c in CATEGORIES} | {"activations_transients": "activations + transients"}
 
 
 # ``torch.tensor(data)`` allocates below the dispatcher and then calls lift_fresh on
@@ -468,14 +470,13 @@ def memory_table(reports):
     import pandas as pd
 
     if isinstance(reports, pd.DataFrame):
-        columns = {f"{c.replace('_', ' ').replace('activations transients', 'activations + transients')} (MB)": c
-                   for c in CATEGORIES}
+        columns = {f"{CATEGORY_LABELS[c]} (MB)": c for c in CATEGORIES}
         keep = [c for c in ("model", "method") if c in reports]
         long = reports.melt(id_vars=keep, value_vars=[c for c in columns if c in reports],
                             var_name="category", value_name="MB")
-        long["category"] = long["category"].map(lambda c: columns[c].replace("_", " "))
+        long["category"] = long["category"].map(lambda c: CATEGORY_LABELS[columns[c]])
         return long.dropna(subset=["MB"])
-    rows = [{"method": name, "category": c.replace("_", " "), "MB": getattr(r, c) / MB}
+    rows = [{"method": name, "category": CATEGORY_LABELS[c], "MB": getattr(r, c) / MB}
             for name, r in reports.items() for c in CATEGORIES]
     return pd.DataFrame(rows)
 
@@ -489,7 +490,7 @@ def plot_memory_breakdown(reports, ax=None, title="Peak memory above the frozen 
     if ax is None:
         _, ax = plt.subplots(figsize=(1.3 * table["method"].nunique() + 3, 4))
     sns.histplot(table, x="method", weights="MB", hue="category", multiple="stack", discrete=True,
-                 shrink=0.7, ax=ax, hue_order=[c.replace("_", " ") for c in CATEGORIES])
+                 shrink=0.7, ax=ax, hue_order=[CATEGORY_LABELS[c] for c in CATEGORIES])
     ax.set_ylabel("MB")
     ax.set_xlabel("")
     ax.set_title(title)

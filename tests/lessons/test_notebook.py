@@ -119,6 +119,39 @@ def test_sara_overview_figure_has_four_labelled_panels(tiny_pipe):
     assert mask.shape == (10, 10) and int(np.asarray(panels_mask).sum()) == 20  # exactly the smallest 20%
     with pytest.raises(ConfigError):
         welcome.sara_overview_figure(torch.zeros(4, 4), size=12)
+    # SaRA's own θ, one for the whole model: the mask is |w| < θ, whatever share of the corner that is
+    fig = welcome.sara_overview_figure(weight, theta=0.05, theta_from="a test θ", size=10)
+    mask = [ax for ax in fig.axes if ax.images][1].images[0].get_array()
+    corner = weight.detach().reshape(len(weight), -1)[:10, :10].abs()
+    assert np.array_equal(np.asarray(mask), (corner < 0.05).numpy()) and "a test θ" in fig.axes[0].get_title()
+    for bad in (0, -1.0, "0.1"):
+        with pytest.raises(ConfigError, match="theta must be a positive number"):
+            welcome.sara_overview_figure(weight, theta=bad)
+    with pytest.raises(ConfigError, match="no entry"):
+        welcome.sara_overview_figure(weight, theta=1e-12)
+
+
+def test_notebook_00s_picture_uses_the_unets_single_theta_and_its_answer_counts_right():
+    """The answer under 00's prediction quotes the count panel 2 shows with the global θ (the shipped model)."""
+    import re
+
+    import nbformat
+
+    import sara_edu
+    from sara_edu.sara import select_parameters
+    from sara_edu.world.paths import REPO_ROOT
+
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "00_welcome.ipynb", as_version=4)
+    code = next(c.source for c in nb.cells if "sara_overview_figure" in c.source)
+    assert "theta=THETA" in code and 'fraction=0.1).extra["global_threshold"]' in code
+    pipe = sara_edu.load_pretrained()
+    theta = select_parameters(pipe.unet, fraction=0.1).extra["global_threshold"]
+    w = pipe.unet.mid_block.resnets[0].conv1.weight.detach()
+    count = int((w.reshape(len(w), -1)[:12, :12].abs() < theta).sum())
+    share = float((w.abs() < theta).float().mean())
+    answer = next(c.source for c in nb.cells if "Check your prediction" in c.source and "144" in c.source)
+    assert f"panel 2 trains {count}" in answer and f"Only the {count} trained values" in answer
+    assert f"has {share:.0%} of its entries below θ" in answer
 
 
 def test_strip_notebook_outputs(tmp_path):
@@ -167,3 +200,21 @@ def test_setup_notebook_seeds_sets_display_and_names_the_setting(monkeypatch, ca
     out = capsys.readouterr().out
     assert out.startswith("QUICK") and "steps=10" in out
     assert "course model:" in out.splitlines()[1]
+
+
+def test_say_wraps_long_lines_between_words_and_keeps_short_ones():
+    from sara_edu.lessons.notebook import PRINT_WIDTH, say, wrap
+
+    text = "word " * 60 + "\nshort line"
+    out = wrap(text)
+    lines = out.split("\n")
+    assert all(len(ln) <= PRINT_WIDTH for ln in lines) and lines[-1] == "short line"
+    assert all(w == "word" for ln in lines[:-1] for w in ln.split())  # never cut inside a word
+    assert wrap("/a/" + "x" * 150) == "/a/" + "x" * 150  # one long word stays whole
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        say("a", "b" * 120, "c")
+    assert buffer.getvalue() == "a\n  " + "b" * 120 + "\n  c\n"

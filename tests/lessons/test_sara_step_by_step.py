@@ -194,3 +194,26 @@ def test_state_bytes_table_shows_what_each_option_keeps_and_changes(tiny_pipe):
     assert lessons.plot_state_bytes(table) is not None
     with pytest.raises(ConfigError, match="options"):
         lessons.state_bytes_table(tiny_pipe, data, options={})
+
+
+def test_the_unsaid_choices_sentences_quote_their_measurements():
+    """Notebook 03's 'Choices the paper leaves open': the θ-scope and weight-decay numbers are what the code gives."""
+    import json
+    import re
+
+    import sara_edu
+    from sara_edu.lessons import sara_step_by_step as lesson
+    from sara_edu.world.paths import REPO_ROOT
+
+    nb = json.loads((REPO_ROOT / "notebooks" / "solutions" / "03_sara_step_by_step.ipynb").read_text())
+    text = next("".join(c["source"]) for c in nb["cells"] if "Choices the paper leaves open" in "".join(c["source"]))
+    text = re.sub(r"\s+", " ", text)
+    scope = lesson.theta_scope(sara_edu.load_pretrained().unet, 0.1)
+    assert scope["norm_share"] == 0 and "no normalisation weight lies below θ" in text
+    assert f"biases are {scope['bias_share']:.1%} of the selected entries" in text
+    def short(x, digits):  # 5.39e-03 -> 5.39e-3, as the prose writes it
+        return f"{x:.{digits}e}".replace("e-0", "e-")
+
+    assert f"alone would be {short(scope['theta_weights_only'], 2)} instead of {short(scope['theta'], 2)}" in text
+    shrink = 1 - (1 - 1e-3 * 1e-2) ** 800
+    assert f"= {shrink:.1%} (less" in text and f"at most {short(scope['theta'] * shrink, 0)}" in text

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from sara_edu.errors import ConfigError
 from sara_edu.io import load_tensors
 from sara_edu.lessons import sara_vs_lora as compare
-from sara_edu.measure.memory import CATEGORIES, MB
+from sara_edu.measure.memory import CATEGORIES, CATEGORY_LABELS, MB
 from sara_edu.sara.attach import attached_owner
 from sara_edu.sara.optimizer import SaRAAdamW
 from sara_edu.sara.selection import select_parameters
@@ -128,7 +128,7 @@ def test_counts_and_file_sizes_against_independent_references(run):
 def test_memory_breakdown_adds_up_and_ranks_the_methods(run):
     base, before, result = run
     frame = compare.memory_breakdown_frame(result)
-    categories = [c.replace("_", " ") for c in CATEGORIES]
+    categories = [CATEGORY_LABELS[c] for c in CATEGORIES]
     np.testing.assert_allclose(frame[categories].sum(axis=1), frame["peak above frozen"], rtol=1e-9)
     model_mb = sum(v.numel() * v.element_size() for v in base.unet.parameters()) / MB
     # full fine-tuning trains every weight and keeps two AdamW moments of each
@@ -147,10 +147,21 @@ def test_figures(run):
     assert len(fig.axes) == 6 and "MB" in fig.axes[0].get_ylabel()
     everything, own = fig.axes[:2]
     frame = compare.memory_breakdown_frame(result)
+    model_mb = sum(p.numel() * p.element_size() for p in result.base.unet.parameters()) / MB
+    # every bar holds the UNet's weights once: full fine-tuning's trainable values are those weights, SaRA's and
+    # LoRA's frozen UNet is added to what lies above it
+    in_place = frame["trainable values"].where(frame["frozen weights"] < 0.5 * model_mb, 0.0)
     totals = [float(t.get_text()) for t in everything.texts]
-    np.testing.assert_allclose(totals, frame["peak above frozen"], atol=0.051)
-    own_totals = [float(t.get_text()) for t in own.texts]  # the method's own memory: no activations
-    np.testing.assert_allclose(own_totals, frame["peak above frozen"] - frame["activations transients"], atol=0.051)
+    np.testing.assert_allclose(totals, frame["peak above frozen"] - in_place + model_mb, atol=0.051)
+    assert totals[list(frame.index).index("full fine-tuning")] == pytest.approx(
+        frame.loc["full fine-tuning", "peak above frozen"], abs=0.051)
+    own_totals = [float(t.get_text()) for t in own.texts]  # what the method adds: no model, no activations
+    np.testing.assert_allclose(own_totals, frame["peak above frozen"] - in_place - frame["activations + transients"],
+                               atol=0.051)
+    with_model = compare.memory_with_the_model(result)
+    assert with_model[compare.figures.MODEL_WEIGHTS].tolist() == pytest.approx([model_mb] * len(with_model))
+    assert with_model.loc["full fine-tuning", compare.figures.TRAINED_EXTRA] == pytest.approx(0, abs=0.01)
+    assert with_model.loc["SaRA", compare.figures.TRAINED_EXTRA] > 0  # its copies of the selected values
     assert own.get_ylim()[1] < everything.get_ylim()[1]  # on its own, readable scale
     fig2 = compare.plot_losses(result)
     assert len(fig2.axes[0].get_legend().get_texts()) == 3

@@ -207,3 +207,24 @@ def test_global_threshold_without_concatenation_matches_a_full_sort(tiny_pipe):
         theta = W.global_threshold(tiny_pipe, fraction)
         assert theta == float(values[round(fraction * n)])
     assert W.global_thresholds(tiny_pipe, [1.0, 0.1]) == [float("inf"), W.global_threshold(tiny_pipe, 0.1)]
+
+
+def _line_points_under_legend(ax) -> int:
+    """How many points of the axes' lines (each segment sampled finely) the legend box covers, in pixels."""
+    import numpy as np
+
+    ax.figure.canvas.draw()
+    box = ax.get_legend().get_window_extent()
+    hits = 0
+    for line in ax.get_lines():
+        xy = ax.transData.transform(np.column_stack(line.get_data()))
+        for (x0, y0), (x1, y1) in zip(xy[:-1], xy[1:]):
+            t = np.linspace(0, 1, 50)
+            hits += int(sum(box.contains(x, y) for x, y in zip(x0 + t * (x1 - x0), y0 + t * (y1 - y0))))
+    return hits
+
+
+def test_the_stability_legend_covers_no_line_on_the_shipped_pretraining_checkpoints():
+    """Notebook 01's figure, on its own data: the legend once sat on the chance line."""
+    fig = W.plot_stability(W.pretraining_snapshots(), 0.1)
+    assert _line_points_under_legend(fig.axes[0]) == 0

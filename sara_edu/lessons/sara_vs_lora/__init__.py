@@ -26,6 +26,7 @@ behind the notebook's sample widget.
 """
 from .figures import (
     memory_breakdown_frame,
+    memory_with_the_model,
     plot_costs,
     plot_losses,
     side_by_side,
@@ -63,4 +64,4 @@ __all__ = ["DEFAULT_METHODS", "REFERENCE", "FineTuned", "Comparison", "canonical
            "finetune_one", "finetune_methods", "memory_breakdown_frame", "plot_costs", "plot_losses",
            "side_by_side", "side_by_side_view", "metric_table", "plot_metric_table", "summary_table",
            "METRIC_COLUMNS", "COLOURS", "paper_claims", "study_learning_rates", "study_protocol", "Protocol", "fair_step_times", "gate_figure", "gated_samples", "where_how",
-           "CONTROL_METHODS", "study_controls_learning_rates"]
+           "CONTROL_METHODS", "study_controls_learning_rates", "memory_with_the_model"]

@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 
 from ...errors import ConfigError
-from ...measure.memory import CATEGORIES, MB, MemoryReport
+from ...measure.memory import CATEGORIES, CATEGORY_LABELS, MB, MemoryReport
 
 from ...colours import method_colour
 from .training import COLOURS, REFERENCE, Comparison
@@ -28,7 +28,7 @@ def memory_breakdown_frame(obj) -> pd.DataFrame:
     for name, r in reports.items():
         if not isinstance(r, MemoryReport):
             raise ConfigError(f"expected MemoryReport values, got {type(r).__name__} for {name!r}")
-        rows[name] = {**{c.replace("_", " "): getattr(r, c) / MB for c in CATEGORIES},
+        rows[name] = {**{CATEGORY_LABELS[c]: getattr(r, c) / MB for c in CATEGORIES},
                       "peak above frozen": r.peak_above_frozen / MB, "frozen weights": r.frozen_weights / MB}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method (MB)")
 
@@ -44,19 +44,43 @@ def _short_names(names, width: int = 12) -> list[str]:
     return [textwrap.fill(str(n), width, break_on_hyphens=False) for n in names]
 
 
-def _stacked_memory(ax, frame: pd.DataFrame, categories, palette) -> pd.Series:
-    """Stack ``categories`` (MB) per method on ``ax``; return each method's total."""
+def _stacked_memory(ax, frame: pd.DataFrame, columns, palette) -> pd.Series:
+    """Stack ``columns`` (MB) per method on ``ax``; return each method's total."""
     names = list(frame.index)
     bottom = pd.Series(0.0, index=names)
-    for c in categories:
-        col = c.replace("_", " ")
-        ax.bar(range(len(names)), frame[col], bottom=bottom, label=col, color=palette[c], width=0.6)
+    for col in columns:
+        ax.bar(range(len(names)), frame[col], bottom=bottom, label=col, color=palette[col], width=0.6)
         bottom += frame[col]
     for x, total in enumerate(bottom):
         ax.text(x, total, f"{total:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, max(float(bottom.max()), 1e-9) * 1.18)
     ax.set_xticks(range(len(names)), _short_names(names), fontsize=8)
     return bottom
+
+
+MODEL_WEIGHTS = "model weights (every method holds them once)"
+# The parts of memory, in colours no method uses (SaRA red, LoRA blue, full fine-tuning green: sara_edu.colours)
+MEMORY_COLOURS = ("0.8", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "#c5b0d5")
+TRAINED_EXTRA = "trainable values beyond the model's weights"
+
+
+def memory_with_the_model(comparison: Comparison) -> pd.DataFrame:
+    """Peak memory per method (MB) with the UNet's weights counted once for *every* method.
+
+    :func:`memory_breakdown_frame` counts what lies above the frozen weights: full fine-tuning's weights
+    are its trainable values there, while SaRA's and LoRA's frozen UNet is not counted at all. Here each
+    method holds :data:`MODEL_WEIGHTS` (the UNet, frozen or trained in place) and only what it adds on top
+    as :data:`TRAINED_EXTRA` (SaRA's value copies, LoRA's adapter; 0 for full fine-tuning), then its
+    optimizer state, gradients, buffers and activations.
+    """
+    frame = memory_breakdown_frame(comparison)
+    model_mb = sum(p.numel() * p.element_size() for p in comparison.base.unet.parameters()) / MB
+    out = pd.DataFrame({MODEL_WEIGHTS: model_mb,
+                        TRAINED_EXTRA: (frame[CATEGORY_LABELS["trainable_values"]] + frame["frozen weights"]
+                                        - model_mb).clip(lower=0)}, index=frame.index)
+    for c in CATEGORIES[1:]:
+        out[CATEGORY_LABELS[c]] = frame[CATEGORY_LABELS[c]]
+    return out
 
 
 def plot_costs(comparison: Comparison, title: str | None = None):
@@ -70,23 +94,23 @@ def plot_costs(comparison: Comparison, title: str | None = None):
     """
     import matplotlib.pyplot as plt
 
-    frame = memory_breakdown_frame(comparison)
+    frame = memory_with_the_model(comparison)
     costs = comparison.costs()
     names = list(frame.index)
-    fig = plt.figure(figsize=(9, 7.6))
-    grid = fig.add_gridspec(3, 6, height_ratios=[1.25, 0.14, 1])  # the middle row holds the legend
+    fig = plt.figure(figsize=(9, 7.9))
+    grid = fig.add_gridspec(3, 6, height_ratios=[1.25, 0.2, 1])  # the middle row holds the legend
     everything, own = fig.add_subplot(grid[0, :3]), fig.add_subplot(grid[0, 3:])
-    palette = dict(zip(CATEGORIES, plt.get_cmap("tab10").colors))
-    method_parts = [c for c in CATEGORIES if c != "activations_transients"]
-    _stacked_memory(everything, frame, CATEGORIES, palette)
-    everything.set_ylabel("MB at the peak (above the frozen weights)")
+    palette = dict(zip(frame.columns, MEMORY_COLOURS))
+    method_parts = [c for c in frame.columns if c not in (MODEL_WEIGHTS, CATEGORY_LABELS["activations_transients"])]
+    _stacked_memory(everything, frame, frame.columns, palette)
+    everything.set_ylabel("MB at the peak, the UNet's weights included")
     everything.set_title("Peak training memory, all of it", fontsize=10)
     _stacked_memory(own, frame, method_parts, palette)
     own.set_ylabel("MB at the peak")
-    own.set_title("The method's own part (without activations),\non its own scale", fontsize=10)
+    own.set_title("What the method adds to the model\n(without activations), on its own scale", fontsize=10)
     legend = fig.add_subplot(grid[1, :])
     legend.axis("off")
-    legend.legend(*everything.get_legend_handles_labels(), fontsize=8, loc="center", ncol=5, frameon=False)
+    legend.legend(*everything.get_legend_handles_labels(), fontsize=8, loc="center", ncol=3, frameon=False)
     colours = [_colour(n) for n in names]
     clock = "process CPU s" if comparison.step_times is None else comparison.step_times.clock.iloc[0]
     panels = [("median step time (s)", 1, f"seconds per step ({clock})", "Step time (fair, interleaved)", "{:.3f} s"),
