@@ -72,7 +72,12 @@ def _quick_facts(nb) -> dict:
 
 def _check_quick_prose(name: str, nb) -> None:
     """The sentences that describe the QUICK setting hold for this QUICK run (issue 20: QUICK tells the truth)."""
+    from sara_edu.lessons.quoted_numbers import notebook_texts, unsupported
+
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    # every number a QUICK sentence quotes is in this run's outputs or its code (sara_edu.lessons.quoted_numbers)
+    missing = unsupported(*notebook_texts(nb))
+    assert not missing, "; ".join(f"{q.text!r} in {q.sentence[:160]!r}" for q in missing)
     if name == "03_sara_step_by_step.ipynb":
         ranks = list(_quick_facts(nb)["rank_90"].values())  # with the penalty, without it
         assert "in the QUICK setting `rank_90` is about 41 instead of 49" in markdown

@@ -1,0 +1,141 @@
+"""Does every number the prose quotes come from a run? A checker for the notebooks' markdown.
+
+A sentence that names the QUICK setting quotes what the QUICK run printed; a notebook's prose also quotes the
+full setting and the study, whose numbers are committed (``reports/``, ``benchmarks/results/``). The checker
+takes the quoted numbers of such sentences (decimals, percentages, ratios: ``0.1%``, ``1.02×``, ``0.93``; plain
+integers are mostly counts of steps, images or sections and are left alone), and looks each one up in a pool of
+numbers from the sources: the executed notebook's outputs, its code cells (the settings) and the committed
+records. A quote matches a source number when that number, rounded as the quote is written, equals it (a
+source fraction also matches as a percentage: 0.112 reads as "0.1%" only if written as a percentage, 0.62 as
+"62%"). :func:`unsupported` returns the quotes no source holds: a sentence the run contradicts, or a number
+typed by hand.
+
+Within a sentence, the part that names another source ("the full setting", "the study", "the benchmark") up to
+the next mention of QUICK quotes that source, not the QUICK run, and is not checked against it. Sentences about
+running times (``Running time``) are left out: they are measured by hand on a named machine.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+#: A number as prose writes it: 1,658,403 / 0.93 / 62% / 1.02× (the unit decides how it is matched).
+_NUMBER = re.compile(r"(?<![\w.,/-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?(?:e-?\d+)?)(\s?%|×)?(?![\w.]\d)")
+#: What is not prose: LaTeX, links' targets, HTML tags (inline code: see :func:`_code`).
+_NOT_PROSE = re.compile(r"\$[^$]*\$|\]\([^)]*\)|<[^>]+>")
+_CODE = re.compile(r"`[^`]*`")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z*(])")
+#: Words that hand a sentence over to another source than the QUICK run.
+_OTHER_SOURCE = re.compile(r"full setting|full-setting|the study|study's|benchmark", re.I)
+
+
+@dataclass(frozen=True)
+class Quote:
+    text: str       # as written, e.g. "1.8%"
+    value: float    # 1.8
+    decimals: int   # 1
+    percent: bool
+    sentence: str
+
+    def matches(self, number: float) -> bool:
+        candidates = (number, 100 * number) if self.percent else (number,)
+        return any(round(c, self.decimals) == round(self.value, self.decimals) for c in candidates)
+
+
+def _code(match) -> str:
+    """Inline code quotes no number; a path into the committed records still says where the numbers come from."""
+    code = match.group(0)
+    return " the benchmark " if "benchmarks/" in code else " the study " if "reports/" in code else " "
+
+
+def sentences(markdown: str) -> list[str]:
+    """The markdown's sentences, whitespace collapsed, code, formulas and link targets removed."""
+    out = []
+    for paragraph in re.split(r"\n\s*\n|\n(?=#)", _NOT_PROSE.sub(" ", _CODE.sub(_code, markdown))):
+        text = re.sub(r"\s+", " ", paragraph)
+        out += [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+    return out
+
+
+def about_quick(sentence: str, about: str = "QUICK") -> str:
+    """The parts of ``sentence`` that describe the ``about`` run: from each mention of ``about`` to the next
+    mention of another source (or the sentence's end)."""
+    cuts = sorted([(m.start(), "quick") for m in re.finditer(re.escape(about), sentence)] +
+                  [(m.start(), "other") for m in _OTHER_SOURCE.finditer(sentence)])
+    kept, state, start = [], "other", 0
+    for position, kind in cuts + [(len(sentence), "end")]:
+        if state == "quick":
+            kept.append(sentence[start:position])
+        if kind != "end":
+            state, start = kind, position
+    return " … ".join(kept)
+
+
+def quotes(sentence: str, integers: bool = False) -> list[Quote]:
+    """The checked numbers of one sentence: decimals, percentages and ratios (and whole numbers if ``integers``)."""
+    found = []
+    sentence = re.sub(r"(\d+(?:\.\d+)?)\s?[-–](\s?\d+(?:\.\d+)?)\s?%", r"\1% - \2%", sentence)  # 86-93%: both are %
+    for m in _NUMBER.finditer(sentence):
+        raw, unit = m.group(1), (m.group(2) or "").strip()
+        if "e" in raw or not ("." in raw or unit or integers):
+            continue
+        digits = raw.replace(",", "")
+        decimals = len(digits.split(".")[1]) if "." in digits else 0
+        found.append(Quote(m.group(0).strip(), float(digits), decimals, unit == "%", sentence))
+    return found
+
+
+def number_pool(texts) -> list[float]:
+    """Every number in ``texts`` (outputs, code, records), as floats; thousands separators allowed."""
+    pool = []
+    for text in texts:
+        for raw in re.findall(r"-?\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?", text):
+            try:
+                pool.append(abs(float(raw.replace(",", ""))))
+            except ValueError:
+                continue
+    return pool
+
+
+def record_texts(root: Path) -> list[str]:
+    """The committed records a notebook may quote: the study's reports and CSVs, the benchmarks' results."""
+    files = [*sorted((root / "reports").glob("*.md")), *sorted((root / "reports").glob("*.csv")),
+             *sorted((root / "benchmarks" / "results").glob("*.csv"))]
+    return [f.read_text() for f in files]
+
+
+def notebook_texts(nb) -> tuple[str, list[str]]:
+    """(markdown, sources) of an executed notebook (an nbformat node or its JSON dict)."""
+    cells = nb["cells"]
+    markdown = "\n\n".join(_source(c) for c in cells if c["cell_type"] == "markdown")
+    sources = []
+    for c in cells:
+        if c["cell_type"] != "code":
+            continue
+        sources.append(_source(c))
+        for o in c.get("outputs", []):
+            sources.append(_source({"source": o.get("text", "")}))
+            for mime in ("text/plain", "text/html", "text/markdown"):
+                value = o.get("data", {}).get(mime)
+                if value:
+                    sources.append(re.sub(r"<[^>]+>", " ", _source({"source": value})))
+    return markdown, sources
+
+
+def _source(cell) -> str:
+    s = cell["source"]
+    return s if isinstance(s, str) else "".join(s)
+
+
+def unsupported(markdown: str, sources, *, about: str = "QUICK") -> list[Quote]:
+    """The numbers that the sentences naming ``about`` quote from that run and no number in ``sources`` matches
+    (whole numbers included: in such a sentence they are counts the run printed or settings the code sets)."""
+    pool = number_pool(sources)
+    missing = []
+    for sentence in sentences(markdown):
+        if about not in sentence or "Running time" in sentence:
+            continue
+        missing += [q for q in quotes(about_quick(sentence, about), integers=True)
+                    if not any(q.matches(x) for x in pool)]
+    return missing
