@@ -53,9 +53,10 @@ study: $(STAMP)
 	$(PY) -m sara_edu.study samples --study full
 	$(PY) -m sara_edu.study report
 
-# Every notebook executed in its full setting and rendered to handouts/NN_name.html (not committed; ~30 min).
+# Every notebook executed in its full setting and rendered to handouts/NN_name.html (not committed; ~30 min), and
+# the text of its outputs to notebooks/records/NN_name.full.json (committed: full-setting sentences are checked on it).
 handouts: $(STAMP)
-	$(PY) -m sara_edu.lessons.handouts notebooks/0*.ipynb --out handouts
+	$(PY) -m sara_edu.lessons.handouts notebooks/0*.ipynb --out handouts --record notebooks/records
 
 controls: $(STAMP)
 	$(PY) -m sara_edu.study run --study controls --workers 2 --threads 1

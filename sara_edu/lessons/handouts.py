@@ -5,6 +5,12 @@
 an instructor can hand out (or project) the results without a kernel. Not
 committed: they are rebuilt from the notebooks. A notebook with graded
 exercises is rendered from its solved version (``notebooks/solutions/``).
+
+``--record notebooks/records`` also writes ``<name>.full.json``: the text of every
+output of the full-setting run (tables, printed lines), the machine and the
+commit. These *are* committed: the sentences of a notebook that quote its full
+setting are checked against them (:mod:`.quoted_numbers`), as its QUICK
+sentences are checked against a QUICK run.
 """
 from __future__ import annotations
 
@@ -30,9 +36,32 @@ def to_html(nb, out: Path) -> Path:
     return atomic_write_bytes(out, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
 
 
-def render(path, out_dir, *, quick: bool = False, timeout_s: int = 7200) -> Path:
+def record(nb, out: Path, *, setting: str) -> Path:
+    """Write the text of an executed notebook's outputs (no images), with the machine and commit, as JSON."""
+    import json
+    import platform
+    import subprocess
+    import time
+
+    from ..io import atomic_write_bytes
+    from .quoted_numbers import notebook_texts
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=30).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    _, texts = notebook_texts(nb)
+    data = {"setting": setting, "commit": commit, "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform(terse=True)}",
+            "texts": [t for t in texts if t.strip()]}
+    text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+    return atomic_write_bytes(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def render(path, out_dir, *, quick: bool = False, timeout_s: int = 7200, record_dir=None) -> Path:
     """Execute the notebook at ``path`` (its solved version if it has one) in the full setting (or QUICK) and
-    write ``out_dir/<name>.html``; return that path."""
+    write ``out_dir/<name>.html`` (and with ``record_dir``, ``<name>.full.json`` there); return the HTML's path."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -51,6 +80,9 @@ def render(path, out_dir, *, quick: bool = False, timeout_s: int = 7200) -> Path
             os.environ.pop("SARA_EDU_QUICK")
         else:
             os.environ["SARA_EDU_QUICK"] = saved
+    if record_dir is not None:
+        record(nb, Path(record_dir) / f"{path.stem}.{'quick' if quick else 'full'}.json",
+               setting="quick" if quick else "full")
     return to_html(nb, Path(out_dir) / f"{path.stem}.html")
 
 
@@ -62,9 +94,11 @@ def main(argv=None) -> None:
     parser.add_argument("notebooks", nargs="+", help="notebook files, e.g. notebooks/0*.ipynb")
     parser.add_argument("--out", default="handouts", help="folder for the HTML files (default: handouts/)")
     parser.add_argument("--quick", action="store_true", help="the QUICK setting (a first look, minutes)")
+    parser.add_argument("--record", default=None, metavar="DIR",
+                        help="also write each run's output text to DIR/<name>.full.json (notebooks/records)")
     args = parser.parse_args(argv)
     for path in args.notebooks:
-        print(f"wrote {render(path, args.out, quick=args.quick)}")
+        print(f"wrote {render(path, args.out, quick=args.quick, record_dir=args.record)}", flush=True)
 
 
 if __name__ == "__main__":
