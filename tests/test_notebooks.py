@@ -324,3 +324,27 @@ def test_no_known_stale_fact_is_back():
               REPO / "README.md"] if p.is_file()}
     found = [(name, s) for name, text in texts.items() for s in STALE if s in text]
     assert not found, f"stale facts are back: {found}"
+
+
+RECORDS = NOTEBOOK_DIR / "records"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_full_setting_sentences_quote_the_committed_full_run(path):
+    """Every number a sentence quotes from the full setting is in the committed record of a full-setting run
+    (``make handouts`` writes notebooks/records/<name>.full.json), rounded as written; times are left out."""
+    from sara_edu.lessons.quoted_numbers import notebook_texts, unsupported
+
+    solved = SOLUTIONS_DIR / path.name
+    nb = json.loads((solved if solved.exists() else path).read_text())
+    markdown, code = notebook_texts(nb)
+    record = RECORDS / f"{path.stem}.full.json"
+    if not record.exists():
+        assert not unsupported(markdown, code, about="full setting"), \
+            f"{path.name} quotes its full setting but has no record: run `make handouts` and commit {record.name}"
+        return
+    saved = json.loads(record.read_text())
+    assert saved["setting"] == "full" and saved["texts"], record
+    missing = unsupported(markdown, code + saved["texts"], about="full setting")
+    assert not missing, (f"{path.name}: not in the full-setting run of {saved['finished_utc']} ({saved['commit']}): "
+                         + "; ".join(f"{q.text!r} in {q.sentence[:160]!r}" for q in missing))
