@@ -315,7 +315,8 @@ def test_without_the_package_the_first_cell_stops_with_the_pip_command(path, tmp
 #: Facts that were true once and are not any more (issue 20's list): none may come back.
 STALE = ["no GPU was available", "nothing measured on one", "12-16 GB", "12–16 GB", "course.choose",
          "The notebooks only call functions", "12 bytes per entry in fp32", "12 bytes per *trained* entry",
-         "barely changes between rank 4 and the matched rank"]
+         "barely changes between rank 4 and the matched rank", "the same learning rate for both methods",
+         "Same steps, batch, learning rate and seed"]
 
 
 def test_no_known_stale_fact_is_back():
