@@ -119,6 +119,10 @@ def test_notebook_is_committed_clean_and_follows_the_conventions(path):
     assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{path.name} is large: strip outputs (python -m sara_edu.lessons.notebook --strip)"
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    for version in (path, SOLUTIONS_DIR / path.name):  # nbformat.read adds missing ids in memory: read the file
+        if version.exists():
+            cells = json.loads(version.read_text())["cells"]
+            assert all("id" in c for c in cells), f"{version.name}: a cell has no id (nbformat 4.5 needs one)"
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
     assert "widgets" not in nb.metadata, f"{path.name} carries saved widget state: strip it (same command as outputs)"
     for i, cell in enumerate(nb.cells):
