@@ -87,7 +87,10 @@ def quotes(sentence: str, integers: bool = False) -> list[Quote]:
         if "e" in raw or not ("." in raw or unit or integers) or _TIMING.match(sentence[m.end():]):
             continue
         digits = raw.replace(",", "")
-        decimals = len(digits.split(".")[1]) if "." in digits else 0
+        # as precise as written: 0.93 to 2 decimals; a whole number to its last non-zero digit (1,500: hundreds)
+        decimals = len(digits.split(".")[1]) if "." in digits else -(len(digits) - len(digits.rstrip("0")))
+        if digits.strip("0") == "":
+            decimals = 0
         found.append(Quote(m.group(0).strip(), float(digits), decimals, unit == "%", sentence))
     return found
 

@@ -31,3 +31,9 @@ def test_running_times_code_formulas_and_sentences_without_quick_are_left_alone(
           "The QUICK setting calls `notebook.choose(quick=10, full=25)` with $\\lambda = 5e-4$.\n\n"
           "The full setting measured 77.2 MB.")
     assert Q.unsupported(md, [""]) == []
+
+
+def test_a_round_whole_number_is_as_precise_as_its_last_non_zero_digit():
+    md = "In QUICK the FID analogue rises to about 200 at 20%, 1,500 at 40% and 4,500 at 50%."
+    assert Q.unsupported(md, ["fid 197.9 1494 4508", "fractions 20 40 50"]) == []
+    assert [q.text for q in Q.unsupported(md, ["fid 260 1494 4508", "20 40 50"])] == ["200"]
