@@ -192,6 +192,11 @@ class SaRAAdamW(torch.optim.AdamW):
     step after which progressive adjustment runs (None = never);
     ``reset_moments=True`` then restarts the continuing entries' AdamW state
     (zero moments, step 0) as the authors' release does, instead of keeping it.
+    ``nuclear_via``: ``"adam"`` (default, the authors' release) adds ``λ·U·Vᵀ``
+    to the chosen weight's gradient, so AdamW normalises it with the loss
+    gradient; ``"direct"`` leaves AdamW and its moments alone and subtracts
+    ``lr·λ·U·Vᵀ`` from the values after AdamW's step (a plain subgradient step:
+    its size is λ's, whatever the loss gradient beside it).
 
     Resuming: ``state_dict()`` holds the masks, each weight's θ, the
     starting values of the nuclear-norm term, the moments and the random
@@ -238,7 +243,8 @@ class SaRAAdamW(torch.optim.AdamW):
                  nuclear_max_numel: int | None = None, fused: bool | None = None,
                  selection: Selection | None = None, include_frozen: bool = False, *, compact: bool = False,
                  value_copy: bool | None = None, positions: str | None = None, moments: str | None = None,
-                 nuclear_targets: str = "2d", nuclear_of: str = "update", reset_moments: bool = False):
+                 nuclear_targets: str = "2d", nuclear_of: str = "update", reset_moments: bool = False,
+                 nuclear_via: str = "adam"):
         check_is_model(model, type(self).__name__)
         if threshold is None and fraction is None and selection is None:
             threshold = 2e-3  # the authors' θ for Stable Diffusion 1.5
@@ -257,7 +263,7 @@ class SaRAAdamW(torch.optim.AdamW):
                               "of it), or None to disable it.")
         if nuclear_method not in ("gram", "svd"):
             raise ConfigError(f"nuclear_method must be 'gram' or 'svd', got {nuclear_method!r}")
-        check_nuclear_options(nuclear_targets, nuclear_of, reset_moments)
+        check_nuclear_options(nuclear_targets, nuclear_of, reset_moments, nuclear_via)
         if selection is None:
             check_selection_args(threshold, fraction, per_layer)
         # -- compact state options (see the class docstring)
@@ -285,6 +291,8 @@ class SaRAAdamW(torch.optim.AdamW):
         self.nuclear_method = nuclear_method
         self.nuclear_max_numel = nuclear_max_numel
         self.nuclear_targets, self.nuclear_of, self.reset_moments = nuclear_targets, nuclear_of, reset_moments
+        self.nuclear_via = nuclear_via
+        self._direct_nuclear = None  # (slot, λ·UVᵀ[M]) waiting for the end of the step (nuclear_via="direct")
         self.steps_done = 0
         self.detached = False
         self.churn = None  # DataFrame from progressive_adjust
@@ -423,7 +431,9 @@ class SaRAAdamW(torch.optim.AdamW):
         slot = self._rng.choice(eligible)
         G, nuc = nuclear_norm_grad(self._delta(slot), self.nuclear_method)
         g = G.reshape(-1).index_select(0, slot.idx).mul_(self.rank_lambda)
-        if slot.values.grad is None:
+        if self.nuclear_via == "direct":
+            self._direct_nuclear = (slot, g)
+        elif slot.values.grad is None:
             slot.values.grad = g
         else:
             slot.values.grad.add_(g)
@@ -454,11 +464,23 @@ class SaRAAdamW(torch.optim.AdamW):
                 for slot in self.slots:
                     if slot.values.grad is not None:  # AdamW left grad-less values (and weights) untouched
                         write_values(flat_view(slot.param), slot.positions, slot.values.detach())
+        if self._direct_nuclear is not None:
+            self._step_nuclear_directly(*self._direct_nuclear)
         self._note_versions()
         self.steps_done += 1
         if self.progressive_iter is not None and self.steps_done == self.progressive_iter:
             self.progressive_adjust()
         return loss
+
+    @torch.no_grad()
+    def _step_nuclear_directly(self, slot: _Slot, g: torch.Tensor) -> None:
+        """``nuclear_via="direct"``: values -= lr·λ·UVᵀ[M] after AdamW's step, into the copy and the weight."""
+        self._direct_nuclear = None
+        lr = next(group["lr"] for group in self.param_groups if any(p is slot.values for p in group["params"]))
+        new = current_values(slot, self.value_copy) - lr * g.to(slot.values.dtype)
+        if self.value_copy:
+            slot.values.copy_(new)
+        write_values(flat_view(slot.param), slot.positions, new.to(slot.param.dtype))
 
     def progressive_adjust(self):
         """Run progressive adjustment now (see :func:`~sara_edu.sara.progressive.progressive_adjust`)."""
@@ -518,7 +540,7 @@ class SaRAAdamW(torch.optim.AdamW):
             "thresholds": [s.threshold for s in self.slots],
             "selection_extra": dict(self.selection.extra),
             "nuclear": {"targets": self.nuclear_targets, "of": self.nuclear_of,
-                        "reset_moments": self.reset_moments},
+                        "reset_moments": self.reset_moments, "via": self.nuclear_via},
             "steps_done": self.steps_done, "rng": self._rng.getstate(),
             "moment_rng": None if self.moment_generator is None else self.moment_generator.get_state(),
         }
@@ -538,10 +560,13 @@ class SaRAAdamW(torch.optim.AdamW):
         if sara["names"] != [s.name for s in self.slots]:
             raise CheckpointError("this SaRA optimizer state belongs to a model with other weights "
                                   "(the considered parameter names differ)")
-        saved = sara.get("nuclear", {"targets": "2d", "of": "update", "reset_moments": False})  # older: defaults
-        mine = {"targets": self.nuclear_targets, "of": self.nuclear_of, "reset_moments": self.reset_moments}
+        # older checkpoints: the defaults of the options they predate
+        saved = {"targets": "2d", "of": "update", "reset_moments": False, "via": "adam", **sara.get("nuclear", {})}
+        mine = {"targets": self.nuclear_targets, "of": self.nuclear_of, "reset_moments": self.reset_moments,
+                "via": self.nuclear_via}
         if saved != mine:
-            names = {"targets": "nuclear_targets", "of": "nuclear_of", "reset_moments": "reset_moments"}
+            names = {"targets": "nuclear_targets", "of": "nuclear_of", "reset_moments": "reset_moments",
+                     "via": "nuclear_via"}
             diff = ", ".join(f"{names[k]}={saved.get(k)!r}" for k in mine if saved.get(k) != mine[k])
             raise CheckpointError(f"this SaRA optimizer state was saved with {diff}, and this optimizer was "
                                   "other ones: create it with the checkpoint's options to resume")
@@ -631,7 +656,7 @@ class SaRAAdamW(torch.optim.AdamW):
         sel = self.selection
         return {"method": "sara", "mode": sel.mode, "requested": sel.requested, "rank_lambda": self.rank_lambda,
                 "nuclear_targets": self.nuclear_targets, "nuclear_of": self.nuclear_of,
-                "reset_moments": self.reset_moments,
+                "reset_moments": self.reset_moments, "nuclear_via": self.nuclear_via,
                 "progressive_iter": self.progressive_iter, "steps_done": self.steps_done,
                 "state": {"value_copy": self.value_copy, "positions": self.positions, "moments": self.moments}}
 
@@ -685,11 +710,13 @@ def adamw_update(optimizer: torch.optim.AdamW, closure=None):
 #: Which weights the nuclear-norm term may pick (``nuclear_targets``) and what it penalises (``nuclear_of``).
 NUCLEAR_TARGETS = ("2d", "conv", "authors")
 NUCLEAR_OF = ("update", "weights")
+#: How the term reaches the values: through AdamW with the loss gradient, or as its own plain step.
+NUCLEAR_VIA = ("adam", "direct")
 #: The authors' filter (``len(shape) == 2 and min(shape) > 64`` in their optim/adamw.py).
 AUTHORS_MIN_SIDE = 64
 
 
-def check_nuclear_options(targets, of, reset_moments) -> None:
+def check_nuclear_options(targets, of, reset_moments, via="adam") -> None:
     if targets not in NUCLEAR_TARGETS:
         raise ConfigError(f"nuclear_targets must be one of {NUCLEAR_TARGETS} (2-D weights; also convolutions, "
                           f"reshaped; the authors' min(shape) > {AUTHORS_MIN_SIDE} filter), got {targets!r}")
@@ -698,6 +725,9 @@ def check_nuclear_options(targets, of, reset_moments) -> None:
                           f"release), got {of!r}")
     if not isinstance(reset_moments, bool):
         raise ConfigError(f"reset_moments must be True or False, got {reset_moments!r}")
+    if via not in NUCLEAR_VIA:
+        raise ConfigError(f"nuclear_via must be 'adam' (added to the gradient, normalised by AdamW: the authors' "
+                          f"release) or 'direct' (its own step of lr·λ·U·Vᵀ after AdamW's), got {via!r}")
 
 
 def nuclear_matrix_shape(shape, targets: str) -> tuple[int, int] | None:

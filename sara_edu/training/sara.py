@@ -37,8 +37,8 @@ class SaRA(SparseMethod):
     keeps its state per trained entry (see :class:`~sara_edu.sara.SaRAAdamW`;
     the defaults are exact, ``compact=True`` keeps ~5 bytes instead of 16).
 
-    ``nuclear_targets``, ``nuclear_of``, ``reset_moments``: the authors'
-    variants of the nuclear-norm term and of progressive adjustment (see
+    ``nuclear_targets``, ``nuclear_of``, ``reset_moments``, ``nuclear_via``: the authors'
+    variants of the nuclear-norm term and of progressive adjustment, and whether the term goes through AdamW (see
     :class:`~sara_edu.sara.SaRAAdamW`; the defaults follow the paper's text).
     """
 
@@ -60,6 +60,7 @@ class SaRA(SparseMethod):
     nuclear_targets: str = "2d"
     nuclear_of: str = "update"
     reset_moments: bool = False
+    nuclear_via: str = "adam"
     name: str = "sara"
     optimizer: SaRAAdamW | None = field(default=None, init=False, repr=False)
 
@@ -82,7 +83,7 @@ class SaRA(SparseMethod):
                                    include_frozen=self.include_frozen, compact=self.compact,
                                    value_copy=self.value_copy, positions=self.positions, moments=self.moments,
                                    nuclear_targets=self.nuclear_targets, nuclear_of=self.nuclear_of,
-                                   reset_moments=self.reset_moments)
+                                   reset_moments=self.reset_moments, nuclear_via=self.nuclear_via)
         return self.optimizer
 
     def _opt(self) -> SaRAAdamW:

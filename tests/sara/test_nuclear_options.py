@@ -116,11 +116,56 @@ def test_resume_keeps_the_options_and_refuses_other_ones():
     again.detach()
     with pytest.raises(CheckpointError, match="nuclear_of='weights'.*create it with the checkpoint's options"):
         SaRAAdamW(model, **{**kw, "nuclear_of": "update"}).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="nuclear_via='adam'"):
+        SaRAAdamW(model, **{**kw, "nuclear_via": "direct"}).load_state_dict(state)
+    old = {**state, "sara": {**state["sara"], "nuclear": {k: v for k, v in state["sara"]["nuclear"].items()
+                                                          if k != "via"}}}
+    SaRAAdamW(model, **kw).load_state_dict(old)  # a checkpoint from before the option: its default, "adam"
 
 
 @pytest.mark.parametrize("kw, match", [({"nuclear_targets": "all"}, "nuclear_targets must be one of"),
                                        ({"nuclear_of": "delta"}, "nuclear_of must be 'update'"),
-                                       ({"reset_moments": "yes"}, "reset_moments must be True or False")])
+                                       ({"reset_moments": "yes"}, "reset_moments must be True or False"),
+                                       ({"nuclear_via": "sgd"}, "nuclear_via must be 'adam'")])
 def test_bad_options_name_the_argument(kw, match):
     with pytest.raises(ConfigError, match=match):
         SaRAAdamW(_net(), lr=1e-3, fraction=0.3, **kw)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_direct_nuclear_step_is_adamw_without_the_term_then_minus_lr_lambda_uv(compact):
+    """nuclear_via="direct": AdamW and its moments never see the term; the values then move by −lr·λ·(U·Vᵀ)[M]
+    of the matrix chosen that step (measured from the values before the step)."""
+    lr, lam = 1e-2, 0.3
+    direct_model, plain_model = _net(), _net()
+    direct = SaRAAdamW(direct_model, lr=lr, fraction=0.3, rank_lambda=lam, nuclear_via="direct", compact=compact,
+                       moments="fp32", nuclear_method="svd")
+    plain = SaRAAdamW(plain_model, lr=lr, fraction=0.3, rank_lambda=0.0, compact=compact, moments="fp32")
+    _steps(direct_model, direct, 2)
+    _steps(plain_model, plain, 2)
+    # step 1 penalised ΔW = 0 (no direction): the runs differ only by step 2's term, on one matrix
+    name = direct.last_nuclear["name"]
+    slot = next(s for s in direct.slots if s.name == name)
+    gap = {n: (dict(plain_model.named_parameters())[n] - p).detach() for n, p in direct_model.named_parameters()}
+    assert all(g.abs().max() == 0 for n, g in gap.items() if n != name)
+    # the term of step 2 from the state after step 1, which both runs share (AdamW ignored the term)
+    replay_model = _net()
+    replay = SaRAAdamW(replay_model, lr=lr, fraction=0.3, rank_lambda=0.0, compact=compact, moments="fp32")
+    _steps(replay_model, replay, 1)
+    from sara_edu.sara.nuclear import nuclear_norm_grad
+
+    w = dict(replay_model.named_parameters())[name].detach()
+    start = dict(_net().named_parameters())[name].detach()
+    delta = torch.zeros_like(w).reshape(-1)
+    idx = slot.idx.long()
+    delta[idx] = (w - start).reshape(-1)[idx]
+    G, _ = nuclear_norm_grad(delta.view(nuclear_matrix_shape(w.shape, "2d")), "svd")
+    want = torch.zeros_like(delta)
+    want[idx] = lr * lam * G.reshape(-1)[idx]
+    torch.testing.assert_close(gap[name].reshape(-1), want, rtol=1e-9, atol=1e-15)
+    assert want.abs().max() > 0
+    # through AdamW (the default) the same term moves the values by a different amount
+    adam_model = _net()
+    _steps(adam_model, SaRAAdamW(adam_model, lr=lr, fraction=0.3, rank_lambda=lam, compact=compact, moments="fp32",
+                                 nuclear_method="svd"), 2)
+    assert not torch.equal(dict(adam_model.named_parameters())[name], dict(direct_model.named_parameters())[name])
