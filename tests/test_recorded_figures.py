@@ -45,6 +45,24 @@ def test_notebook_03_quotes_the_lambda_sweep_as_recorded():
     assert round(whole("2d", "conv", 5e-4)) == round(whole("2d", "conv", 0.0))  # "with or without"
 
 
+VIA = REPO_ROOT / "benchmarks" / "results" / "nuclear_via.csv"
+
+
+@pytest.mark.skipif(not VIA.exists(), reason="an installed wheel has no benchmarks/")
+def test_notebook_03_quotes_the_direct_nuclear_step_as_recorded():
+    """'as its own step ... λ = 5e-4 and even 5e-3 leave rank_90 at 47.9, as without the term'."""
+    adam, direct = pd.read_csv(NUCLEAR), pd.read_csv(VIA)
+    adam = adam[(adam.setting == "focus") & adam.seed.isin(direct.seed.unique())]
+
+    def rank(d, lam):
+        return d[d["lambda"] == lam].groupby("seed").rank_90.mean().mean()
+
+    text = _markdown("solutions/03_sara_step_by_step.ipynb")
+    assert round(rank(direct, 5e-4), 1) == round(rank(direct, 5e-3), 1) == round(rank(adam, 0.0), 1)
+    assert (f"leave `rank_90` at {rank(direct, 5e-4):.1f} of 64, as without the term, where through AdamW they "
+            f"bring it to {rank(adam, 5e-4):.1f} and {rank(adam, 5e-3):.1f}") in text
+
+
 BUDGET = REPO_ROOT / "reports" / "budget_methods.csv"
 
 
