@@ -32,7 +32,8 @@ from sara_edu.world.model import load_pretrained  # noqa: E402
 
 
 def distance(a, b) -> float:
-    return math.sqrt(sum(float((p - q).double().pow(2).sum()) for p, q in zip(a.parameters(), b.parameters())))
+    return math.sqrt(sum(float((p.detach() - q.detach()).double().pow(2).sum())
+                         for p, q in zip(a.parameters(), b.parameters())))
 
 
 def main(argv=None):

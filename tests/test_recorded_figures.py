@@ -81,3 +81,22 @@ def test_the_readme_quotes_the_budget_per_method_as_recorded():
     assert curve.loc[("lora_matched", "hornify", 1600), "loss"] < curve.loc[("lora_matched", "hornify", 800), "loss"]
     minutes = pd.read_csv(BUDGET).groupby(["method", "style"]).minutes.max().sum()
     assert f"{minutes:.0f} min of run time" in readme
+
+
+RESET = REPO_ROOT / "benchmarks" / "results" / "reset_moments.csv"
+
+
+@pytest.mark.skipif(not RESET.exists(), reason="an installed wheel has no benchmarks/")
+def test_notebook_03_quotes_the_moment_reset_as_recorded():
+    import math
+
+    from sara_edu.study.stats import t_quantile
+
+    d = pd.read_csv(RESET)
+    diff = d.loss_reset - d.loss_keep
+    half = t_quantile(len(d)) * diff.std(ddof=1) / math.sqrt(len(d))
+    text = _markdown("solutions/03_sara_step_by_step.ipynb")
+    assert (f"changes the final training loss by {diff.mean():+.4f} ± {half:.4f} (of {d.loss_keep.mean():.3f})"
+            .replace("-", "−") in text)
+    assert f"end {d.apart_over_moved.mean():.0%} of their update apart" in text and f"{len(d)} seeds" not in text
+    assert len(d) == 3 and "three seeds" in text
