@@ -99,8 +99,8 @@ def findings(df: pd.DataFrame) -> list[str]:
 def _run_time(df: pd.DataFrame) -> str:
     reused = in_phase(df, "reused")
     if reused.any():
-        return (f"{_run_time(df[~reused])}; plus {int(reused.sum())} runs copied by run_id from another study "
-                "(their time was spent there)")
+        return (f"{_run_time(df[~reused])}; plus {int(reused.sum())} runs copied by run_id from another results "
+                "file (`--reuse`: the same run made earlier or by another study; its time was spent there)")
     busy = (df.train_time_s.fillna(0) + df.eval_time_s.fillna(0)).sum()
     done = pd.to_datetime(df.finished_utc, errors="coerce", utc=True)
     starts = done - pd.to_timedelta(df.train_time_s.fillna(0) + df.eval_time_s.fillna(0), unit="s")
