@@ -149,21 +149,36 @@ def table1(df: pd.DataFrame) -> str:
     return md_table(header, body)
 
 
-def retention_table(df: pd.DataFrame) -> str:
-    """Retention (plain prompts) and generalisation (unseen digits), averaged over styles; mean ± std over seeds."""
+def _style_averaged_table(df: pd.DataFrame, cols) -> str:
+    """One row per method (the pretrained model first): each column averaged over styles, mean ± std over seeds."""
     rows = main_rows(df)
     pre = df[(df.method == PRETRAINED) & df["style"].isin(rows["style"].unique()) & df.seed.isin(rows.seed.unique())]
-    cols = [("plain_agreement", "plain prompts: agreement↑"), ("plain_fid", "plain prompts: FID↓"),
-            ("plain_drift", "plain samples: change vs pretrained↓"), ("unseen_fid", "unseen digits: FID↓"),
-            ("unseen_agreement", "unseen digits: agreement↑"), ("unseen_look_acc", "unseen digits: style↑")]
     body = []
     for m, src in [(PRETRAINED, pre)] + [(m, rows) for m in methods_in(rows)]:
         cells = [label(m, rows)]
         for c, _ in cols:
             st = style_mean_stats(src[src.method == m], c)
-            cells.append(fmt(st.at[m, "mean"], st.at[m, "std"]) if m in st.index else "")
+            cells.append(fmt(st.at[m, "mean"], st.at[m, "std"]) if m in st.index and pd.notna(st.at[m, "mean"]) else "")
         body.append(cells)
     return md_table(["method"] + [name for _, name in cols], body)
+
+
+def retention_table(df: pd.DataFrame) -> str:
+    """Retention (plain prompts) and generalisation (unseen digits), averaged over styles; mean ± std over seeds."""
+    return _style_averaged_table(df, [
+        ("plain_agreement", "plain prompts: agreement↑"), ("plain_fid", "plain prompts: FID↓"),
+        ("plain_drift", "plain samples: change vs pretrained↓"), ("unseen_fid", "unseen digits: FID↓"),
+        ("unseen_agreement", "unseen digits: agreement↑"), ("unseen_look_acc", "unseen digits: style↑")])
+
+
+def quality_table(df: pd.DataFrame) -> str:
+    """The quality gate's pass rate, the gated and ungated prompt agreement, and the KID and FID analogues per
+    method, averaged over styles (mean ± std over seeds); empty when the runs predate the gate."""
+    if not main_rows(df).gate_pass.notna().any():
+        return ""
+    return _style_averaged_table(df, [
+        ("gate_pass", "samples passing the gate↑"), ("agreement", "prompt agreement↑"),
+        ("gated_agreement", "gated agreement↑"), ("kid", "style KID↓"), ("fid", "style FID↓")])
 
 
 def cost_table(df: pd.DataFrame) -> str:
