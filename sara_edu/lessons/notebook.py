@@ -113,7 +113,8 @@ def setup_notebook(seed: int = 0, *, needs_model: bool = True, **setting) -> Non
 
 
 def locate_course(*, needs_model: bool = True) -> str:
-    """Which ``sara_edu`` this kernel imports and where its shipped model is, as one line.
+    """Which ``sara_edu`` this kernel imports and where its shipped model is, one line each (two paths on one
+    line would pass the 100 characters a notebook column shows wherever the course lies deep).
 
     Raises :class:`~sara_edu.errors.CheckpointError` with what to do when the shipped
     model is not where the package looks for it (and ``needs_model``): a notebook
@@ -139,7 +140,7 @@ def locate_course(*, needs_model: bool = True) -> str:
             "with `%pip install sara-edu` and restart the kernel (the package carries the model), or in a clone "
             "of the repository run `make data`; or set SARA_EDU_DATA to a folder that holds tiny_diffusion/.")
     found = "missing" if missing else str(model)
-    return f"sara_edu {release} from {package}; course model: {found}"
+    return f"sara_edu {release} from {package}\ncourse model: {found}"
 
 
 def use_text_progress_bars() -> None:

@@ -199,7 +199,8 @@ def test_setup_notebook_seeds_sets_display_and_names_the_setting(monkeypatch, ca
     assert torch.equal(a, torch.rand(2))
     out = capsys.readouterr().out
     assert out.startswith("QUICK") and "steps=10" in out
-    assert "course model:" in out.splitlines()[1]
+    lines = out.splitlines()
+    assert lines[1].startswith("sara_edu ") and lines[2].startswith("course model:")  # one path per line
 
 
 def test_say_wraps_long_lines_between_words_and_keeps_short_ones():
