@@ -32,10 +32,11 @@ BY_NAME = {
 OTHER = "0.35"  # a method this table does not know
 
 
-def method_colour(name: str) -> str:
-    """The colour of a method, by study key or shown name (case-insensitive); dark grey if unknown."""
+def method_colour(name: str, default: str | None = OTHER) -> str | None:
+    """The colour of a method, by study key or shown name (case-insensitive); ``default`` if it is not a method
+    (dark grey; None lets a figure pick its own colour for each unknown run)."""
     key = BY_NAME.get(name, name)
     if key not in BY_KEY:
         lowered = {k.lower(): v for k, v in BY_NAME.items()}
         key = lowered.get(str(name).lower(), str(name).lower())
-    return BY_KEY.get(key, OTHER)
+    return BY_KEY.get(key, default)

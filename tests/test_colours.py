@@ -41,3 +41,16 @@ def test_the_memory_parts_use_no_method_colour():
     from sara_edu.lessons.sara_vs_lora.figures import MEMORY_COLOURS
 
     assert not {to_hex(c) for c in MEMORY_COLOURS} & {to_hex(c) for c in BY_KEY.values()}
+
+
+def test_loss_curves_take_the_method_colour_and_other_runs_each_their_own():
+    """Exercise 2 of notebook 03 plots runs named after their fraction: they must not all be the same grey."""
+    import pandas as pd
+
+    from sara_edu.lessons.sara_vs_lora import plot_losses
+
+    h = pd.DataFrame({"step": [1, 2, 3], "loss": [0.3, 0.2, 0.1]})
+    ax = plot_losses({"SaRA": h, "fraction 0.02": h, "fraction 0.3": h}).axes[0]
+    thick = [to_hex(line.get_color()) for line in ax.get_lines()[1::2]]
+    assert thick[0] == method_colour("SaRA") and len(set(thick)) == 3 and OTHER not in thick
+    assert method_colour("fraction 0.3", default=None) is None

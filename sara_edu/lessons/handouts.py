@@ -95,7 +95,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="handouts", help="folder for the HTML files (default: handouts/)")
     parser.add_argument("--quick", action="store_true", help="the QUICK setting (a first look, minutes)")
     parser.add_argument("--record", default=None, metavar="DIR",
-                        help="also write each run's output text to DIR/<name>.full.json (notebooks/records)")
+                        help="also write each run's output text to DIR/<name>.full.json (.quick.json with --quick); "
+                             "the course keeps them in notebooks/records")
     args = parser.parse_args(argv)
     for path in args.notebooks:
         print(f"wrote {render(path, args.out, quick=args.quick, record_dir=args.record)}", flush=True)

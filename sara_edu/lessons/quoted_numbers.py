@@ -1,11 +1,9 @@
 """Does every number the prose quotes come from a run? A checker for the notebooks' markdown.
 
-A sentence that names the QUICK setting quotes what the QUICK run printed; a notebook's prose also quotes the
-full setting and the study, whose numbers are committed (``reports/``, ``benchmarks/results/``). The checker
-takes the quoted numbers of such sentences (decimals, percentages, ratios: ``0.1%``, ``1.02×``, ``0.93``; plain
-integers are mostly counts of steps, images or sections and are left alone), and looks each one up in a pool of
-numbers from the sources: the executed notebook's outputs, its code cells (the settings) and the committed
-records. A quote matches a source number when that number, rounded as the quote is written, equals it (a
+A sentence that names the QUICK setting quotes what the QUICK run printed. The checker takes the numbers such
+a sentence quotes from it (decimals, percentages, ratios and counts: ``0.1%``, ``1.02×``, ``0.93``, ``41``) and
+looks each one up in a pool of numbers from the sources: the executed notebook's outputs and its code cells (the
+settings). A quote matches a source number when that number, rounded as the quote is written, equals it (a
 source fraction also matches as a percentage: 0.112 reads as "0.1%" only if written as a percentage, 0.62 as
 "62%"). :func:`unsupported` returns the quotes no source holds: a sentence the run contradicts, or a number
 typed by hand.
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 #: A number as prose writes it: 1,658,403 / 0.93 / 62% / 1.02× (the unit decides how it is matched).
 _NUMBER = re.compile(r"(?<![\w.,/-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?(?:e-?\d+)?)(\s?%|×)?(?![\w.]\d)")
@@ -63,15 +60,15 @@ def sentences(markdown: str) -> list[str]:
     return out
 
 
-def about_quick(sentence: str, about: str = "QUICK") -> str:
+def part_about(sentence: str, about: str = "QUICK") -> str:
     """The parts of ``sentence`` that describe the ``about`` source (a key of :data:`SOURCES`): from each mention
     of it to the next mention of another source (or the sentence's end)."""
     others = "|".join(v for k, v in SOURCES.items() if k != about)
-    cuts = sorted([(m.start(), "quick") for m in re.finditer(SOURCES[about], sentence)] +
+    cuts = sorted([(m.start(), "about") for m in re.finditer(SOURCES[about], sentence)] +
                   [(m.start(), "other") for m in re.finditer(others, sentence, re.I)])
     kept, state, start = [], "other", 0
     for position, kind in cuts + [(len(sentence), "end")]:
-        if state == "quick":
+        if state == "about":
             kept.append(sentence[start:position])
         if kind != "end":
             state, start = kind, position
@@ -107,34 +104,27 @@ def number_pool(texts) -> list[float]:
     return pool
 
 
-def record_texts(root: Path) -> list[str]:
-    """The committed records a notebook may quote: the study's reports and CSVs, the benchmarks' results."""
-    files = [*sorted((root / "reports").glob("*.md")), *sorted((root / "reports").glob("*.csv")),
-             *sorted((root / "benchmarks" / "results").glob("*.csv"))]
-    return [f.read_text() for f in files]
-
-
 def notebook_texts(nb) -> tuple[str, list[str]]:
     """(markdown, sources) of an executed notebook (an nbformat node or its JSON dict)."""
     cells = nb["cells"]
-    markdown = "\n\n".join(_source(c) for c in cells if c["cell_type"] == "markdown")
+    markdown = "\n\n".join(_text(c["source"]) for c in cells if c["cell_type"] == "markdown")
     sources = []
     for c in cells:
         if c["cell_type"] != "code":
             continue
-        sources.append(_source(c))
+        sources.append(_text(c["source"]))
         for o in c.get("outputs", []):
-            sources.append(_source({"source": o.get("text", "")}))
+            sources.append(_text(o.get("text", "")))
             for mime in ("text/plain", "text/html", "text/markdown"):
                 value = o.get("data", {}).get(mime)
                 if value:
-                    sources.append(re.sub(r"<[^>]+>", " ", _source({"source": value})))
+                    sources.append(re.sub(r"<[^>]+>", " ", _text(value)))
     return markdown, sources
 
 
-def _source(cell) -> str:
-    s = cell["source"]
-    return s if isinstance(s, str) else "".join(s)
+def _text(value) -> str:
+    """A notebook field as one string (JSON notebooks store it as a list of lines)."""
+    return value if isinstance(value, str) else "".join(value)
 
 
 def unsupported(markdown: str, sources, *, about: str = "QUICK") -> list[Quote]:
@@ -145,6 +135,6 @@ def unsupported(markdown: str, sources, *, about: str = "QUICK") -> list[Quote]:
     for sentence in sentences(markdown):
         if not re.search(SOURCES[about], sentence) or "Running time" in sentence:
             continue
-        missing += [q for q in quotes(about_quick(sentence, about), integers=True)
+        missing += [q for q in quotes(part_about(sentence, about), integers=True)
                     if not any(q.matches(x) for x in pool)]
     return missing

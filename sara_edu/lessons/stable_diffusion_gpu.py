@@ -46,10 +46,11 @@ def training_step_time(history, device, tracked_steps: int = 2) -> float:
     """
     from ..errors import ConfigError
 
-    skip = 1 if torch.device(device).type == "cuda" else tracked_steps
+    cuda = torch.device(device).type == "cuda"
+    skip = 1 if cuda else tracked_steps
     if len(history) <= skip:
         raise ConfigError(f"{len(history)} training steps leave none to time after the {skip} "
-                          f"{'warm-up' if skip == 1 else 'tracked'} step(s): train at least {skip + 1} steps")
+                          f"{'warm-up' if cuda else 'tracked'} step(s): train at least {skip + 1} steps")
     return float(history.step_time_s.iloc[skip:].median())
 
 

@@ -472,6 +472,10 @@ class SaRAAdamW(torch.optim.AdamW):
             self.progressive_adjust()
         return loss
 
+    def _nuclear_options(self) -> dict:
+        """The nuclear-norm options as the optimizer state stores them (keys of :data:`NUCLEAR_OPTIONS`)."""
+        return {key: getattr(self, attribute) for key, attribute in NUCLEAR_OPTIONS.items()}
+
     @torch.no_grad()
     def _step_nuclear_directly(self, slot: _Slot, g: torch.Tensor) -> None:
         """``nuclear_via="direct"``: values -= lr·λ·UVᵀ[M] after AdamW's step, into the copy and the weight."""
@@ -539,8 +543,7 @@ class SaRAAdamW(torch.optim.AdamW):
             # ones when resuming, and a fraction's quantile moves with them (progressive adjustment uses θ)
             "thresholds": [s.threshold for s in self.slots],
             "selection_extra": dict(self.selection.extra),
-            "nuclear": {"targets": self.nuclear_targets, "of": self.nuclear_of,
-                        "reset_moments": self.reset_moments, "via": self.nuclear_via},
+            "nuclear": self._nuclear_options(),
             "steps_done": self.steps_done, "rng": self._rng.getstate(),
             "moment_rng": None if self.moment_generator is None else self.moment_generator.get_state(),
         }
@@ -560,14 +563,10 @@ class SaRAAdamW(torch.optim.AdamW):
         if sara["names"] != [s.name for s in self.slots]:
             raise CheckpointError("this SaRA optimizer state belongs to a model with other weights "
                                   "(the considered parameter names differ)")
-        # older checkpoints: the defaults of the options they predate
-        saved = {"targets": "2d", "of": "update", "reset_moments": False, "via": "adam", **sara.get("nuclear", {})}
-        mine = {"targets": self.nuclear_targets, "of": self.nuclear_of, "reset_moments": self.reset_moments,
-                "via": self.nuclear_via}
+        saved = {**NUCLEAR_DEFAULTS, **sara.get("nuclear", {})}  # older checkpoints: the options' defaults
+        mine = self._nuclear_options()
         if saved != mine:
-            names = {"targets": "nuclear_targets", "of": "nuclear_of", "reset_moments": "reset_moments",
-                     "via": "nuclear_via"}
-            diff = ", ".join(f"{names[k]}={saved.get(k)!r}" for k in mine if saved.get(k) != mine[k])
+            diff = ", ".join(f"{NUCLEAR_OPTIONS[k]}={saved.get(k)!r}" for k in mine if saved.get(k) != mine[k])
             raise CheckpointError(f"this SaRA optimizer state was saved with {diff}, and this optimizer was "
                                   "other ones: create it with the checkpoint's options to resume")
         thresholds = sara.get("thresholds")  # absent from checkpoints saved before θ was stored
@@ -712,6 +711,11 @@ NUCLEAR_TARGETS = ("2d", "conv", "authors")
 NUCLEAR_OF = ("update", "weights")
 #: How the term reaches the values: through AdamW with the loss gradient, or as its own plain step.
 NUCLEAR_VIA = ("adam", "direct")
+#: The options a resume must match: key in the saved state -> argument (and attribute) name, and their defaults
+#: (what a checkpoint saved before an option existed was made with).
+NUCLEAR_OPTIONS = {"targets": "nuclear_targets", "of": "nuclear_of", "reset_moments": "reset_moments",
+                   "via": "nuclear_via"}
+NUCLEAR_DEFAULTS = {"targets": "2d", "of": "update", "reset_moments": False, "via": "adam"}
 #: The authors' filter (``len(shape) == 2 and min(shape) > 64`` in their optim/adamw.py).
 AUTHORS_MIN_SIDE = 64
 

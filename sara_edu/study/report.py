@@ -56,7 +56,7 @@ from .tables import (
 
 #: Budget curves per method, relative to the repository root (``python -m sara_edu.study budget --methods``).
 BUDGET_METHODS = Path("reports") / "budget_methods.csv"
-#: The controls' curves (hornify only), shown in the report of the study that has those methods.
+#: The controls' curves (elementfire and hornify), shown in the report of the study that has those methods.
 BUDGET_CONTROLS = Path("reports") / "budget_controls.csv"
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from ...colours import method_colour
 from ...errors import ConfigError
 from ...measure.memory import CATEGORIES, CATEGORY_LABELS, MB, MemoryReport
-
-from ...colours import method_colour
-from .training import COLOURS, REFERENCE, Comparison
+from .training import REFERENCE, Comparison
 
 # ------------------------------------------------------------------ costs
 
@@ -31,10 +30,6 @@ def memory_breakdown_frame(obj) -> pd.DataFrame:
         rows[name] = {**{CATEGORY_LABELS[c]: getattr(r, c) / MB for c in CATEGORIES},
                       "peak above frozen": r.peak_above_frozen / MB, "frozen weights": r.frozen_weights / MB}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method (MB)")
-
-
-def _colour(name):
-    return COLOURS.get(name) or method_colour(name)
 
 
 def _short_names(names, width: int = 12) -> list[str]:
@@ -111,7 +106,7 @@ def plot_costs(comparison: Comparison, title: str | None = None):
     legend = fig.add_subplot(grid[1, :])
     legend.axis("off")
     legend.legend(*everything.get_legend_handles_labels(), fontsize=8, loc="center", ncol=3, frameon=False)
-    colours = [_colour(n) for n in names]
+    colours = [method_colour(n) for n in names]
     clock = "process CPU s" if comparison.step_times is None else comparison.step_times.clock.iloc[0]
     panels = [("median step time (s)", 1, f"seconds per step ({clock})", "Step time (fair, interleaved)", "{:.3f} s"),
               ("trainable parameters", 1e3, "thousands of numbers trained", "Trained values", "{:,.0f}k"),
@@ -145,7 +140,8 @@ def plot_losses(histories: dict, window: int = 10, ax=None, title: str = "Traini
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.6))
     for i, (name, h) in enumerate(histories.items()):
-        colour = _colour(name) or plt.get_cmap("tab10")(i)
+        # a run named after a method gets its colour; differently named runs each get their own
+        colour = method_colour(name, default=None) or plt.get_cmap("tab10")(i)
         dashes = ("-", "--", ":", "-.")[i % 4]  # runs that coincide stay visible
         ax.plot(h.step, h.loss, color=colour, alpha=0.25, lw=0.8, ls=dashes)
         ax.plot(h.step, h.loss.rolling(window, min_periods=1).mean(), color=colour, lw=2, ls=dashes, label=name)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ...colours import method_colour
 from ...errors import ConfigError, DataError
-
-from .figures import _check_pipes, _colour, _short_names
+from .figures import _check_pipes, _short_names
 from .training import REFERENCE, Comparison
 
 def _committed_study(name: str, what: str) -> pd.DataFrame:
@@ -145,7 +145,7 @@ def plot_metric_table(table: pd.DataFrame, title: str | None = None):
     if missing:
         raise ConfigError(f"expected a table from metric_table(); missing columns {missing}")
     names = list(table.index)
-    colours = [_colour(n) for n in names]
+    colours = [method_colour(n) for n in names]
     style = table.attrs.get("style", "the trained")
     panels = [("style_fid", "FID analogue (feature units²)", f"'{style}' style, digits 0-6\nFID (lower is better)", 1),
               ("style_agreement", "% of samples: digit and look right",

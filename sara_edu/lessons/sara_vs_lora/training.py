@@ -303,8 +303,8 @@ def finetune_one(pipe, dataset, method: TrainingMethod, *, name: str | None = No
     start = time.perf_counter()
     with tracker:
         history = train(work, dataset, tracker.watching(method), steps=steps, lr=lr, batch_size=batch_size,
-                        seed=seed, device=work.device, progress=progress, desc=name, callback=tracker.stop_after(tracked_steps),
-                        memory_tracker=tracker, **train_kwargs)
+                        seed=seed, device=work.device, progress=progress, desc=name,
+                        callback=tracker.stop_after(tracked_steps), memory_tracker=tracker, **train_kwargs)
     seconds = time.perf_counter() - start
     report = tracker.report(unet)
     untracked = history.step_time_s.iloc[tracked_steps:]
