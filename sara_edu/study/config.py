@@ -302,7 +302,7 @@ QUICK = StudyConfig(
 CONTROLS_STUDY = StudyConfig(
     name="controls", methods=("sara", "sara_attention", "lora_matched", "lora_r4", "lora_everywhere", "full",
                               "full_attention"),
-    seeds=(0,), steps=800, batch_size=16, limit_per_digit=8,
+    seeds=(0, 1, 2), steps=800, batch_size=16, limit_per_digit=8,
     # sara, lora_matched and full keep FULL's grids, so their runs are FULL's own (copied by run_id, not rerun)
     lr_grid=(("sara", (3e-4, 1e-3, 3e-3)), ("sara_attention", (3e-4, 1e-3, 3e-3)),
              ("lora_matched", (1e-4, 3e-4, 1e-3)), ("lora_r4", (1e-3, 3e-3, 1e-2)),
