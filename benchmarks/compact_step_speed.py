@@ -13,8 +13,12 @@ and divided by the number of trained entries.
 
 Rows: the exact path (stock fused AdamW on value copies, then scatter), and
 the compact options, whose step decodes positions, gathers the values from the
-weights, runs AdamW, encodes the moments and scatters back, one layer at a time.
-Nothing is asserted: the figures depend on the machine.
+weights, runs AdamW, encodes the moments and scatters back, one layer at a time;
+each also with ``compiled=True`` (one torch.compile'd kernel per weight: gather,
+AdamW, write-back). The options take turns step by step (interleaved), process
+CPU time, the compilation falls in the warm-up steps; the medians go to
+``benchmarks/results/compact_step_speed_cpu.csv`` with the ratio to the exact
+path. Nothing is asserted: the figures depend on the machine.
 """
 from __future__ import annotations
 
@@ -34,8 +38,11 @@ from sara_edu.sara.optimizer import SaRAAdamW  # noqa: E402
 
 OPTIONS = {
     "exact (default)": {},
+    "exact compiled": {"compiled": True},
     "no value copy (fp32 moments)": {"value_copy": False},
+    "no value copy compiled": {"value_copy": False, "compiled": True},
     "compact (bf16)": {"compact": True},
+    "compact (bf16) compiled": {"compact": True, "compiled": True},
     "compact 8-bit": {"compact": True, "moments": "8bit"},
 }
 
@@ -57,38 +64,54 @@ class Layers(nn.Module):
         self.weights = nn.ParameterList(nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes)
 
 
-def time_step(options: dict, shapes, repeats: int) -> tuple[float, int]:
-    """(median seconds per step, trained entries)."""
+def make_optimizer(options: dict, shapes) -> SaRAAdamW:
     model = Layers(shapes)
     opt = SaRAAdamW(model, lr=1e-4, fraction=0.1, rank_lambda=0, weight_decay=1e-2, **options)
     g = torch.Generator().manual_seed(1)
     for slot in opt.slots:  # as after backward(): each optimizer param has its selected gradient
         slot.values.grad = torch.randn(slot.count, generator=g) * 1e-3
-    times = []
-    for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        opt.step()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), opt.num_trainable
+    opt.model_ref = model  # keep the weights alive
+    return opt
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--channels", type=int, default=1280)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--options", default=",".join(OPTIONS), help="comma-separated row names")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compact_step_speed_cpu.csv"))
     args = ap.parse_args(argv)
+    import pandas as pd
+
     torch.set_num_threads(args.threads)
     shapes = layer_shapes(args.channels)
     numel = sum(torch.Size(s).numel() for s in shapes)
+    names = args.options.split(",")
     print(f"{len(shapes)} layers, {numel / 1e6:.1f}M weights, SaRA 10%, torch {torch.__version__}, "
-          f"{args.threads} thread(s)")
-    print(f"{'optimizer state':32s} {'ms/step':>9s} {'ns/entry':>9s}")
-    for name in args.options.split(","):
-        seconds, n = time_step(OPTIONS[name], shapes, args.repeats)
-        print(f"{name:32s} {seconds * 1e3:9.1f} {seconds * 1e9 / n:9.2f}")
+          f"{args.threads} thread(s); {len(names)} options interleaved, 2 warm-up + {args.repeats} timed steps")
+    opts = {name: make_optimizer(OPTIONS[name], shapes) for name in names}
+    times = {name: [] for name in names}
+    for i in range(args.repeats + 2):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # a different order every round
+            t0 = time.process_time()
+            opts[name].step()
+            if i >= 2:
+                times[name].append(time.process_time() - t0)
+    n = opts[names[0]].num_trainable
+    rows = [{"option": name, "ms/step": 1e3 * statistics.median(times[name]),
+             "ns/entry": 1e9 * statistics.median(times[name]) / n} for name in names]
+    table = pd.DataFrame(rows)
+    if "exact (default)" in names:
+        table["x exact"] = table["ms/step"] / float(table.loc[table.option == "exact (default)", "ms/step"].iloc[0])
+    from sara_edu.sara.fused_step import COMPILE_STATS
+
+    print(table.to_string(index=False, float_format="{:.2f}".format))
+    print(f"compilations: {COMPILE_STATS['compilations']} ({COMPILE_STATS['seconds']:.1f} s wall)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False, float_format="%.4g")
+    print(f"saved {args.out}")
+    return table
 
 
 if __name__ == "__main__":

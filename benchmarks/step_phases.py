@@ -1,5 +1,6 @@
 """Where a training step's time goes, per method: forward, backward (SaRA's gradient hooks run inside it),
-clipping and the optimizer step, on the SD-1.5-sized UNet (random weights).
+clipping and the optimizer step, on the SD-1.5-sized UNet (random weights). With ``step_in_backward``
+the update runs inside "backward" and there is no clipping; a compiled step compiles in the warm-up steps.
 
     python benchmarks/step_phases.py --device cuda --batch-sizes 1,8
     python benchmarks/step_phases.py --device cpu --batch-sizes 1 --steps 2 --methods plain,sara   # slow
@@ -37,7 +38,9 @@ PHASES = ("forward", "backward", "clip", "optimizer.step", "zero_grad")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=None)
-    parser.add_argument("--methods", default="plain,full,sara,sara-compact,sara-compact8,lora4")
+    parser.add_argument("--methods", default="plain,full,sara,sara-compiled,sara-backward,sara-compact,"
+                                              "sara-compact-compiled,sara-compact-backward,sara-compact8,lora4")
+    parser.add_argument("--side", type=int, default=None, help="latent side (default: 64 on CUDA, 32 on CPU)")
     parser.add_argument("--batch-sizes", default="1")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=3)
@@ -50,7 +53,7 @@ def main(argv=None):
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler.from_config(SD15_NOISE)
-    side = 64 if cuda else 32
+    side = args.side or (64 if cuda else 32)
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
     unknown = [k for k in keys if k not in METHODS]
     if unknown or not keys:
@@ -84,7 +87,8 @@ def main(argv=None):
                 sync()
                 marks[2] = clock()
                 with_grad = [p for p in params if p.grad is not None]
-                if with_grad:
+                # step_in_backward updated the weights inside backward(): there is nothing to clip (it refuses)
+                if with_grad and not getattr(opt, "step_in_backward", False):
                     torch.nn.utils.clip_grad_norm_(with_grad, 1.0)
                 sync()
                 marks[3] = clock()

@@ -17,6 +17,10 @@ the compact state options: :mod:`.positions`, :mod:`.moments`,
 :mod:`.compact_step` and :mod:`.footprint` (bytes kept per trained entry)::
 
     optimizer = SaRAAdamW(unet, lr=1e-4, compact=True)   # ~5.6 instead of ~16.6 bytes per trained entry
+
+and how the step runs: :mod:`.fused_step` (``compiled=True``: one generated kernel per weight) and the
+per-layer mode, :mod:`.in_backward` (``step_in_backward=True``: each weight updated inside backward, no selected
+gradients kept).
 """
 from .attach import attached_owner, detach, merge
 from .footprint import state_bytes

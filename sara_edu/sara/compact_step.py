@@ -32,6 +32,7 @@ import torch
 
 from ..errors import ConfigError
 from .attach import flat_view
+from .fused_step import can_compile, fused_adamw_entries
 from .moments import init_moments, load_moments, load_moments_group, store_moments, store_moments_group
 
 # On a CPU each layer is gathered, updated and scattered in chunks of this many entries: the scatter then
@@ -148,7 +149,8 @@ def compact_adamw_step(optimizer) -> None:
         if not state:  # e.g. resumed from a checkpoint saved before this weight's first step
             _new_state(state, group, grad.numel(), optimizer.moments, grad.device)
         limit = GROUP_ENTRIES.get(grad.device.type, GROUP_ENTRIES_DEFAULT)
-        if slot.count < limit and _groupable(optimizer, slot):
+        # the compiled step is one kernel per weight already: grouping would only add copies
+        if slot.count < limit and not optimizer.compiled and _groupable(optimizer, slot):
             if pending and group_of[pending[0].values] is not group:
                 flush()
             pending.append(slot)
@@ -156,26 +158,48 @@ def compact_adamw_step(optimizer) -> None:
             if pending_entries >= limit:
                 flush()
             continue
-        # decoded once for the gather and the scatter, as int64: scatter_ needs it, and on a CPU scatter_ is
-        # ~1.5x faster than index_put_ with int32 positions
-        idx = slot.positions.decode(torch.int64)
-        flat = flat_view(slot.param)
-        values = slot.values.detach()
-        grad = grad.float()
-        exp_avg, exp_avg_sq = load_moments(state)
-        state["step"] += 1  # as torch's _fused_adamw and _single_tensor_adam: the kernels do not count
-        chunk = CPU_CHUNK if flat.device.type == "cpu" else max(idx.numel(), 1)
-        for part in (slice(s, s + chunk) for s in range(0, idx.numel(), chunk)):
-            if optimizer.value_copy:
-                work = values[part].float()  # a view of the copy, updated in place, when fp32
-            else:
-                work = flat.index_select(0, idx[part]).float()
-            _adamw_([work], [grad[part]], [exp_avg[part]], [exp_avg_sq[part]], [state["step"]], group)
-            if optimizer.value_copy and values.dtype != torch.float32:
-                values[part] = work
-            flat.scatter_(0, idx[part], work.to(flat.dtype))
-        store_moments(state, optimizer.moments, exp_avg, exp_avg_sq, optimizer.moment_generator)
+        step_weight(optimizer, slot, grad, group)
     flush()
+
+
+@torch.no_grad()
+def step_weight(optimizer, slot, grad: torch.Tensor, group: dict, *, dense_grad: bool = False) -> None:
+    """AdamW on one weight's trained entries, then write them into the weight.
+
+    ``grad``: the selected gradient, or with ``dense_grad`` the weight's flat
+    dense gradient (the per-layer mode, inside the gradient hook: the compiled
+    kernel reads it at the positions, else it is gathered here).
+    """
+    state = optimizer.state[slot.values]
+    if not state:  # e.g. resumed from a checkpoint saved before this weight's first step
+        _new_state(state, group, slot.count, optimizer.moments, slot.param.device)
+    # decoded once for the gather and the scatter, as int64: scatter_ needs it, and on a CPU scatter_ is
+    # ~1.5x faster than index_put_ with int32 positions
+    idx = slot.positions.decode(torch.int64)
+    flat = flat_view(slot.param)
+    exp_avg, exp_avg_sq = load_moments(state)
+    state["step"] += 1  # as torch's _fused_adamw and _single_tensor_adam: the kernels do not count
+    if optimizer.compiled and can_compile():
+        copy = slot.values.detach() if optimizer.value_copy else None
+        fused_adamw_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, float(state["step"]), group,
+                            gather_grad=dense_grad)
+        store_moments(state, optimizer.moments, exp_avg, exp_avg_sq, optimizer.moment_generator)
+        return
+    if dense_grad:
+        grad = grad.index_select(0, idx)
+    values = slot.values.detach()
+    grad = grad.float()
+    chunk = CPU_CHUNK if flat.device.type == "cpu" else max(idx.numel(), 1)
+    for part in (slice(s, s + chunk) for s in range(0, idx.numel(), chunk)):
+        if optimizer.value_copy:
+            work = values[part].float()  # a view of the copy, updated in place, when fp32
+        else:
+            work = flat.index_select(0, idx[part]).float()
+        _adamw_([work], [grad[part]], [exp_avg[part]], [exp_avg_sq[part]], [state["step"]], group)
+        if optimizer.value_copy and values.dtype != torch.float32:
+            values[part] = work
+        flat.scatter_(0, idx[part], work.to(flat.dtype))
+    store_moments(state, optimizer.moments, exp_avg, exp_avg_sq, optimizer.moment_generator)
 
 
 def write_values(flat: torch.Tensor, positions, values: torch.Tensor) -> None:

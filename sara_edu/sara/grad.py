@@ -214,3 +214,42 @@ def _foreach(func, name, args, kwargs):
         extra = [r[i] if isinstance(r, (list, tuple)) else r for r in rest]
         out.append(single(t, *extra, **kwargs))
     return None if name.endswith("_") else out
+
+
+STEP_IN_BACKWARD_ONCE = (
+    "with step_in_backward=True SaRA updates each weight inside backward(), once per step: call "
+    "optimizer.step() and optimizer.zero_grad() after every backward pass. Gradient accumulation over several "
+    "backward passes is not possible in this mode; use the default step_in_backward=False for it")
+
+
+class StepTakenGrad(SelectedGrad):
+    """What a weight (and its optimizer values) show as ``.grad`` once ``step_in_backward`` has updated them.
+
+    The update has happened and its gradient is gone, so there is nothing left
+    to clip, unscale or accumulate into: every operation but ``detach`` raises
+    a :class:`~sara_edu.errors.ConfigError` that says why and what to do,
+    instead of clipping or unscaling nothing (a zero norm, a skipped check).
+    """
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        taken = [a for a in _flat(args) if isinstance(a, StepTakenGrad)]
+        if name in ("detach", "alias"):
+            return taken[0]
+        if name in ("add_", "add", "_foreach_add_", "_foreach_add"):
+            raise ConfigError(f"a second gradient arrived for {taken[0].weight_name!r}: " + STEP_IN_BACKWARD_ONCE)
+        raise ConfigError(
+            f"the gradient of {taken[0].weight_name!r} was applied already: with step_in_backward=True SaRA updates "
+            f"each weight inside backward(), as soon as its gradient exists, and keeps no gradient, so {name} has "
+            "nothing to act on. Global gradient clipping (clip_grad_norm_) and GradScaler (unscale_, step) need every "
+            "gradient before any update: use the default step_in_backward=False for them (bf16 autocast needs no "
+            "GradScaler). Weights updated in this backward pass were updated without them.")
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flat(a)
+        else:
+            yield a

@@ -19,6 +19,9 @@ thread of the shared 2-core CPU, process time: one matrix takes 0.04 s
 forward+backward step at batch 1 of 32×32 latents (7.0 s) and less at larger
 batches (the Gram matrix in float32 took 0.5 s on average, but dropped
 σ < 3.5e-4·σ_max). ``nuclear_every`` and ``nuclear_max_numel`` cut it further.
+The optimizer reads ``U·Vᵀ`` at its trained entries only (:func:`nuclear_norm_grad_at`),
+piece by piece, so the term's transient memory stays at a few MB beyond the dense
+``ΔW⊙M`` itself.
 """
 from __future__ import annotations
 
@@ -80,6 +83,68 @@ def nuclear_norm_grad(delta: torch.Tensor, method: str = "gram") -> tuple[torch.
     G = A @ ((Vk / sigma[keep]) @ Vk.T)
     G = G if tall else G.T
     return G.to(delta.dtype), float(sigma[keep].sum())
+
+
+# Rows (of the tall orientation) per piece in nuclear_norm_grad_at: the float64 copies stay at a few MB
+NUCLEAR_PIECE_ROWS = 1024
+
+
+def nuclear_norm_grad_at(delta: torch.Tensor, positions: torch.Tensor,
+                         method: str = "gram") -> tuple[torch.Tensor, float]:
+    """``(U·Vᵀ at positions, ‖delta‖*)``: :func:`nuclear_norm_grad` read at flat (row-major) ``positions`` only.
+
+    SaRA needs the subgradient at its trained entries only, so the default
+    ``"gram"`` method never forms ``U·Vᵀ``, nor ``delta`` in float64, in full:
+    the Gram matrix is summed piece by piece over :data:`NUCLEAR_PIECE_ROWS`
+    rows, and ``U·Vᵀ = A·(V·Σ⁻¹·Vᵀ)`` is computed a piece at a time and read at
+    the positions in it. On an SD-1.5-sized UNet's largest matrix (10240×1280)
+    this keeps about 60 MB of transients instead of about 300 MB. The sums run
+    in another order than one matmul's, so the result can differ from
+    :func:`nuclear_norm_grad` in the last bits of float64 (then rounded to the
+    weights' dtype). ``"svd"`` reads the full result.
+    """
+    if method != "gram":
+        G, nuc = nuclear_norm_grad(delta, method)
+        return G.reshape(-1).index_select(0, positions.long()), nuc
+    work = delta.to(torch.float32) if delta.dtype in (torch.float16, torch.bfloat16) else delta
+    rows, cols = work.shape
+    tall = rows >= cols
+    A = work if tall else work.T  # a view: pieces of it are copied to float64 one at a time
+    pieces = [slice(s, s + NUCLEAR_PIECE_ROWS) for s in range(0, A.shape[0], NUCLEAR_PIECE_ROWS)]
+    gram = torch.zeros(A.shape[1], A.shape[1], dtype=torch.float64, device=A.device)
+    for part in pieces:
+        a = A[part].to(torch.float64)
+        gram.addmm_(a.T, a)
+    try:
+        evals, V = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:  # as in nuclear_norm_grad: cuSOLVER can fail on such a Gram matrix
+        G, nuc = nuclear_norm_grad(delta, "svd")
+        return G.reshape(-1).index_select(0, positions.long()), nuc
+    sigma = evals.clamp_min(0).sqrt()
+    smax = sigma.max() if sigma.numel() else sigma.new_zeros(())
+    keep = sigma > smax * math.sqrt(torch.finfo(torch.float64).eps)
+    out = torch.zeros(positions.numel(), dtype=delta.dtype, device=delta.device)
+    if not bool(keep.any()):
+        return out, 0.0
+    Vk = V[:, keep]
+    P = (Vk / sigma[keep]) @ Vk.T
+    positions = positions.long()
+    if tall:  # pieces of delta's rows: their positions are one sorted run
+        bounds = torch.searchsorted(positions, torch.tensor([p.start * cols for p in pieces] + [rows * cols],
+                                                            device=positions.device))
+        for i, part in enumerate(pieces):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                g = A[part].to(torch.float64) @ P
+                out[lo:hi] = g.reshape(-1).index_select(0, positions[lo:hi] - part.start * cols).to(out.dtype)
+    else:  # pieces of delta's columns (A's rows): pick the positions in them
+        r, c = positions // cols, positions % cols
+        for part in pieces:
+            inside = ((c >= part.start) & (c < part.start + NUCLEAR_PIECE_ROWS)).nonzero().reshape(-1)
+            if inside.numel():
+                g = P @ A[part].to(torch.float64).T  # delta's columns of this piece, all its rows
+                out[inside] = g[r[inside], c[inside] - part.start].to(out.dtype)
+    return out, float(sigma[keep].sum())
 
 
 def nuclear_norm_penalty(obj, rank_lambda: float | None = None, per_layer: bool = False):

@@ -66,9 +66,11 @@ from .distributed import (
     check_supported_setup,
     distributed_run,
 )
+from .fused_step import check_compile_option
 from .grad import SelectedGrad
+from .in_backward import finish_step, hook_step
 from .moments import check_moment_kind, convert_moments, moment_kind
-from .nuclear import nuclear_norm_grad
+from .nuclear import nuclear_norm_grad_at
 from .positions import check_position_kind, encode_positions
 from .progressive import progressive_adjust
 from .selection import (
@@ -93,6 +95,7 @@ class _Slot:
     handle: object = None  # the grad hook's removable handle
     version: tuple = ()  # _write_mark of the weight when the values were last in step with it
     payload: torch.Tensor | None = None  # the values' grad the hook put on param.grad (a SelectedGrad)
+    stepped: int = -1  # step_in_backward: steps_done when the hook last updated this weight
 
     @property
     def idx(self) -> torch.Tensor:
@@ -233,6 +236,20 @@ class SaRAAdamW(torch.optim.AdamW):
     kernel by default on CPU and CUDA, else torch's single-tensor formula); with
     fp32 moments it is bit for bit the exact path with the same ``fused``.
     :func:`~sara_edu.sara.footprint.state_bytes` counts the bytes actually kept.
+
+    How the step runs (the same numbers; benchmarks/memory_time.py measures them):
+
+    * ``compiled=True``: gather, AdamW and write-back of each weight as one
+      ``torch.compile``'d kernel (:mod:`sara_edu.sara.fused_step`); on a CPU
+      bit for bit the stock step, compiled once per kind of step (seconds, in
+      the first step); on CUDA Triton kernels, not yet measured on a GPU.
+    * ``step_in_backward=True``: each weight is updated inside the backward
+      pass, as soon as its gradient exists, so the selected gradients (4 bytes
+      per trained entry) are never held; bit for bit the default step. What
+      needs every gradient before any update is refused with a clear error:
+      global gradient clipping, ``GradScaler``, gradient accumulation, several
+      processes. ``step()`` then only finishes the step (the nuclear-norm term
+      of a weight that got no gradient, the step count, progressive adjustment).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, threshold: float | None = None,
@@ -244,7 +261,7 @@ class SaRAAdamW(torch.optim.AdamW):
                  selection: Selection | None = None, include_frozen: bool = False, *, compact: bool = False,
                  value_copy: bool | None = None, positions: str | None = None, moments: str | None = None,
                  nuclear_targets: str = "2d", nuclear_of: str = "update", reset_moments: bool = False,
-                 nuclear_via: str = "adam"):
+                 nuclear_via: str = "adam", compiled: bool = False, step_in_backward: bool = False):
         check_is_model(model, type(self).__name__)
         if threshold is None and fraction is None and selection is None:
             threshold = 2e-3  # the authors' θ for Stable Diffusion 1.5
@@ -273,7 +290,15 @@ class SaRAAdamW(torch.optim.AdamW):
         self.value_copy = (not compact) if value_copy is None else value_copy
         self.positions = check_position_kind(positions or ("delta" if compact else "index"))
         self.moments = check_moment_kind(moments or ("bf16" if compact else "fp32"))
-        self._own_step = not self.value_copy or self.moments != "fp32"
+        check_compile_option(compiled)
+        if not isinstance(step_in_backward, bool):
+            raise ConfigError(f"step_in_backward must be True or False, got {step_in_backward!r}")
+        if step_in_backward and distributed_run():
+            raise ConfigError("step_in_backward=True updates each weight inside its own backward pass, before "
+                              "the processes could average its gradient: it runs on one process only. On several "
+                              "processes use the default (step_in_backward=False)")
+        self.compiled, self.step_in_backward = compiled, step_in_backward
+        self._own_step = not self.value_copy or self.moments != "fp32" or compiled or step_in_backward
         check_attachable(model, type(self).__name__)
         check_supported_setup(model, type(self).__name__)
 
@@ -293,6 +318,7 @@ class SaRAAdamW(torch.optim.AdamW):
         self.nuclear_targets, self.nuclear_of, self.reset_moments = nuclear_targets, nuclear_of, reset_moments
         self.nuclear_via = nuclear_via
         self._direct_nuclear = None  # (slot, λ·UVᵀ[M]) waiting for the end of the step (nuclear_via="direct")
+        self._nuclear_pick = None  # step_in_backward: [slot, updated yet?] of this step's nuclear-norm term
         self.steps_done = 0
         self.detached = False
         self.churn = None  # DataFrame from progressive_adjust
@@ -358,6 +384,8 @@ class SaRAAdamW(torch.optim.AdamW):
     # ---------------------------------------------------------------- gradients
     def _hook(self, slot: _Slot) -> None:
         """Gather the selected entries of the weight's grad; leave only them on ``param.grad``."""
+        if self.step_in_backward:
+            return hook_step(self, slot)
         sync = self.sync  # the hook must not hold the optimizer (a deleted optimizer frees its state)
 
         def gather(p, slot=slot):
@@ -390,7 +418,8 @@ class SaRAAdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear SaRA's gradients: the optimizer's and the ``SelectedGrad`` on each weight."""
-        super().zero_grad(set_to_none=set_to_none)
+        # step_in_backward leaves StepTakenGrad markers, which have nothing to zero: they are always removed
+        super().zero_grad(set_to_none=set_to_none or self.step_in_backward)
         for slot in self.slots:
             slot.param.grad = None  # the next backward pass gathers afresh either way
             slot.payload = None
@@ -424,21 +453,25 @@ class SaRAAdamW(torch.optim.AdamW):
                 and (self.nuclear_of == "weights" or s.initial is not None)
                 and (self.nuclear_max_numel is None or s.param.numel() <= self.nuclear_max_numel)]
 
+    def _nuclear_grad(self, slot: _Slot) -> torch.Tensor:
+        """λ·UVᵀ at the slot's trained positions (and the term's value, for ``last_nuclear``)."""
+        g, nuc = nuclear_norm_grad_at(self._delta(slot), slot.idx, self.nuclear_method)
+        self.last_nuclear = {"step": self.steps_done + 1, "name": slot.name, "nuclear_norm": nuc,
+                             "penalty": self.rank_lambda * nuc}
+        return g.mul_(self.rank_lambda)
+
     def _add_nuclear_grad(self) -> None:
         eligible = self.eligible_for_nuclear()
         if not eligible:
             return
         slot = self._rng.choice(eligible)
-        G, nuc = nuclear_norm_grad(self._delta(slot), self.nuclear_method)
-        g = G.reshape(-1).index_select(0, slot.idx).mul_(self.rank_lambda)
+        g = self._nuclear_grad(slot)
         if self.nuclear_via == "direct":
             self._direct_nuclear = (slot, g)
         elif slot.values.grad is None:
             slot.values.grad = g
         else:
             slot.values.grad.add_(g)
-        self.last_nuclear = {"step": self.steps_done + 1, "name": slot.name, "nuclear_norm": nuc,
-                             "penalty": self.rank_lambda * nuc}
 
     # ---------------------------------------------------------------- the step
     def step(self, closure=None):
@@ -450,6 +483,9 @@ class SaRAAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.step_in_backward:
+            finish_step(self)
+            return loss
         self.sync.finish()  # the last backward passes ran inside no_sync(): average them now
         self._collect_grads()
         self._follow_weights()
@@ -467,10 +503,13 @@ class SaRAAdamW(torch.optim.AdamW):
         if self._direct_nuclear is not None:
             self._step_nuclear_directly(*self._direct_nuclear)
         self._note_versions()
+        self._count_step()
+        return loss
+
+    def _count_step(self) -> None:
         self.steps_done += 1
         if self.progressive_iter is not None and self.steps_done == self.progressive_iter:
             self.progressive_adjust()
-        return loss
 
     def _nuclear_options(self) -> dict:
         """The nuclear-norm options as the optimizer state stores them (keys of :data:`NUCLEAR_OPTIONS`)."""
@@ -489,6 +528,10 @@ class SaRAAdamW(torch.optim.AdamW):
     def progressive_adjust(self):
         """Run progressive adjustment now (see :func:`~sara_edu.sara.progressive.progressive_adjust`)."""
         self._follow_weights()
+        if not isinstance(self.selection.indices, _TrainedPositions):
+            # from now on the positions that trained are the slots' (still training + frozen); the selection's
+            # own copy of the first positions would keep a second 4 bytes per trained entry alive all run
+            self.selection = replace(self.selection, indices=_TrainedPositions(self.slots))
         self.churn = progressive_adjust(self)
         return self.churn
 
@@ -513,9 +556,9 @@ class SaRAAdamW(torch.optim.AdamW):
                     slot.values.copy_(flat_view(slot.param).index_select(0, slot.idx))
                     slot.version = _write_mark(slot.param)
 
-    def _note_versions(self) -> None:
+    def _note_versions(self, slots=None) -> None:
         """After SaRA's own write into the weights: the copy and the weights agree."""
-        for slot in self.slots:
+        for slot in self.slots if slots is None else slots:
             slot.version = _write_mark(slot.param)
 
     # ---------------------------------------------------------------- reporting

@@ -315,11 +315,9 @@ CONTROLS_STUDY = StudyConfig(
            "projections with as many entries as the rank-matched LoRA trains, LoRA on every layer it can adapt "
            "(ResNet convolutions included) rank-matched to SaRA's count, and full fine-tuning of the attention "
            "projections' weights; LoRA r=4 (the diffusers default) on attention. Each method at its own "
-           "searched rate (FULL's search, the same grids and pairs), then 5 styles x 1 seed (seed 0: 5 pairs per "
-           "comparison; the four new methods' 46 runs, 151 min of run time, took the CPU time one session "
-           "had; seeds=(0, 1, 2) here "
-           "and `make controls` add more), otherwise "
-           "FULL's protocol. The runs of SaRA, the rank-matched LoRA and full fine-tuning have the same "
+           "searched rate (FULL's search, the same grids and pairs), then 5 styles x 3 seeds (15 pairs per "
+           "comparison; the four new methods' 82 runs took 276 min of run time, seed 0 in one session and "
+           "seeds 1-2 in the next), otherwise FULL's protocol. The runs of SaRA, the rank-matched LoRA and full fine-tuning have the same "
            "run_id (a hash of method, style, seed, settings and evaluation) as the full study's, so they "
            "are copied from reports/study_results.csv, not trained again."))
 

@@ -59,6 +59,23 @@ def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_step_in_backward(max_grad_norm, accumulation, world, mixed_precision) -> None:
+    """SaRA(step_in_backward=True) updates each weight inside backward(): what needs every gradient first cannot be."""
+    problems = []
+    if max_grad_norm is not None:
+        problems.append(f"max_grad_norm={max_grad_norm!r}: clipping needs the global norm before any update; pass "
+                        "max_grad_norm=None")
+    if accumulation > 1:
+        problems.append(f"gradient_accumulation_steps={accumulation}: use 1")
+    if world > 1:
+        problems.append(f"{world} processes: run on one")
+    if mixed_precision == "fp16":
+        problems.append("mixed_precision='fp16' (its GradScaler unscales after backward): use 'bf16' or None")
+    if problems:
+        raise ConfigError("SaRA(step_in_backward=True) updates each weight inside the backward pass, so: "
+                          + "; ".join(problems) + ". Or use step_in_backward=False.")
+
+
 def _check(steps, lr, batch_size, warmup_steps, max_grad_norm, cond_dropout, mixed_precision, weight_decay,
            gradient_accumulation_steps, checkpoint_every, keep_checkpoints=None, stop_after=None):
     problems = []
@@ -194,6 +211,8 @@ def train(pipe, dataset, method: TrainingMethod | None = None, *, steps: int = 2
                           f"({world} x {k}): every process needs at least one sample per micro-batch")
     if mixed_precision in ("bf16", "fp16") and device.type != "cuda":
         mixed_precision = None  # autocast on CPU is slow and not what the course measures
+    if getattr(method, "step_in_backward", False):
+        _check_step_in_backward(max_grad_norm, k, world, mixed_precision)
     _check_weights_dtype(pipe.unet)
     _check_weights_finite(pipe)
     base = base_fingerprint(pipe.unet) if checkpointing else None  # before the method changes the model

@@ -40,6 +40,9 @@ class SaRA(SparseMethod):
     ``nuclear_targets``, ``nuclear_of``, ``reset_moments``, ``nuclear_via``: the authors'
     variants of the nuclear-norm term and of progressive adjustment, and whether the term goes through AdamW (see
     :class:`~sara_edu.sara.SaRAAdamW`; the defaults follow the paper's text).
+    ``compiled``: the fused, ``torch.compile``'d step (same numbers); ``step_in_backward``: each weight is updated
+    inside the backward pass and no selected gradient is kept (needs ``train(max_grad_norm=None)``, one process,
+    no gradient accumulation, no fp16 scaler).
     """
 
     threshold: float | None = None
@@ -61,6 +64,8 @@ class SaRA(SparseMethod):
     nuclear_of: str = "update"
     reset_moments: bool = False
     nuclear_via: str = "adam"
+    compiled: bool = False
+    step_in_backward: bool = False
     name: str = "sara"
     optimizer: SaRAAdamW | None = field(default=None, init=False, repr=False)
 
@@ -83,7 +88,8 @@ class SaRA(SparseMethod):
                                    include_frozen=self.include_frozen, compact=self.compact,
                                    value_copy=self.value_copy, positions=self.positions, moments=self.moments,
                                    nuclear_targets=self.nuclear_targets, nuclear_of=self.nuclear_of,
-                                   reset_moments=self.reset_moments, nuclear_via=self.nuclear_via)
+                                   reset_moments=self.reset_moments, nuclear_via=self.nuclear_via,
+                                   compiled=self.compiled, step_in_backward=self.step_in_backward)
         return self.optimizer
 
     def _opt(self) -> SaRAAdamW:

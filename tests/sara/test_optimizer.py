@@ -479,3 +479,45 @@ def test_works_on_an_sd3_style_transformer():
     assert changed and all(("attn" in n or "ff" in n) for n in changed)
     moved = sum(int((p != base[n]).sum()) for n, p in model.named_parameters())
     assert 0.9 * opt.selection.total_selected <= moved <= opt.selection.total_selected
+
+
+def test_progressive_adjustment_keeps_no_second_copy_of_the_first_positions():
+    import gc
+    import weakref
+
+    unet = build_unet(SMALL_CONFIG, seed=0)
+    opt = SaRAAdamW(unet, lr=1e-2, fraction=0.1, progressive_iter=2)
+    first = {n: weakref.ref(t) for n, t in opt.selection.indices.items()}
+    before = {n: t.clone() for n, t in opt.selection.indices.items()}
+    _train_steps(unet, opt, 2)
+    assert int(opt.churn.froze.iloc[-1]) > 0  # some entries froze: every trained weight got new positions
+    gc.collect()
+    changed = [s.name for s in opt.slots if s.frozen]
+    assert changed and all(first[n]() is None for n in changed)  # the first positions are freed
+    # and the selection still names every position that ever trained
+    assert all(torch.equal(opt.selection.indices[n].long(), before[n].long()) for n in before)
+    assert opt.selection.total_selected == sum(t.numel() for t in before.values())
+
+
+@pytest.mark.parametrize("shape", [(3000, 200), (200, 3000), (1, 40), (40, 1), (300, 300)])
+def test_the_nuclear_gradient_read_at_the_positions_is_the_dense_one_there_with_small_transients(shape, monkeypatch):
+    from sara_edu.measure.memory import MemoryTracker
+    from sara_edu.sara import nuclear
+
+    monkeypatch.setattr(nuclear, "NUCLEAR_PIECE_ROWS", 64)  # many pieces, one of them partial
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(shape, generator=g) < 0.1
+    delta = torch.randn(shape, generator=g) * mask
+    positions = mask.reshape(-1).nonzero().reshape(-1).to(torch.int32)
+    G, value = nuclear.nuclear_norm_grad(delta)
+    with MemoryTracker() as tracker:
+        at, value_at = nuclear.nuclear_norm_grad_at(delta, positions)
+    torch.testing.assert_close(at, G.reshape(-1)[positions.long()], rtol=1e-6, atol=1e-7)
+    assert value_at == pytest.approx(value, rel=1e-12)
+    if min(shape) > 1:  # no float64 copy of delta, nor U·Vᵀ in full: the small side's n×n matrices and pieces
+        n = min(shape)
+        assert tracker.tensor_peak_bytes < 0.6 * delta.numel() * 8 + 6 * n * n * 8, tracker.tensor_peak_bytes
+        if max(shape) >= 4 * n:  # where the n×n matrices are small, forming it in full costs more than the bound
+            with MemoryTracker() as dense:
+                nuclear.nuclear_norm_grad(delta)
+            assert dense.tensor_peak_bytes > 0.6 * delta.numel() * 8 + 6 * n * n * 8
