@@ -100,3 +100,45 @@ def test_notebook_03_quotes_the_moment_reset_as_recorded():
             .replace("-", "−") in text)
     assert f"end {d.apart_over_moved.mean():.0%} of their update apart" in text and f"{len(d)} seeds" not in text
     assert len(d) == 3 and "three seeds" in text
+
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+@pytest.mark.skipif(not (RESULTS / "memory_time_cpu_sd15_step32.csv").exists(),
+                    reason="an installed wheel has no benchmarks/")
+def test_the_readme_quotes_how_the_step_runs_as_recorded():
+    """Issue 21's figures in the README are the committed benchmark CSVs' (tables, ratios, memory)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = re.sub(r"\s+", " ", readme[readme.index("### How the step runs"):readme.index("### On a GPU")])
+    table = pd.read_csv(RESULTS / "memory_time_cpu_sd15_step32.csv").set_index("key")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in readme[readme.index("### How the step runs"):readme.index("### On a GPU")].splitlines()
+            if line.strip().startswith("| ")}
+    for key, label in [("plain", "plain fwd+bwd"), ("full", "full fine-tuning"), ("sara", "SaRA exact"),
+                       ("sara-compiled", "SaRA exact, compiled"), ("sara-compact", "SaRA `compact=True`"),
+                       ("sara-backward", "SaRA exact, step in backward, compiled"),
+                       ("sara-compact-compiled", "SaRA compact, compiled")]:
+        row = table.loc[key]
+        state = "-" if key == "plain" else f"{row['state per trained entry (B)']:.2f}"
+        expected = [state, f"{row['tracker peak above frozen (MB)']:,.0f}",
+                    f"{row['peak RSS above loaded model (MB)']:,.0f}", f"{row['median step CPU (s)']:.1f}"]
+        assert rows[label][:4] == expected and rows[label][5:] == [f"{row['x plain fwd+bwd']:.2f}",
+                                                                 f"{row['x full fine-tuning']:.2f}"], (key, rows[label])
+    phases = {side: pd.read_csv(RESULTS / f"step_phases_cpu_{side}_exact.csv").set_index("key")["x plain"]
+              for side in (32, 64)}
+    assert (f"SaRA exact {phases[32]['sara']:.2f}×, compiled {phases[32]['sara-compiled']:.2f}×, step in backward "
+            f"(compiled) {phases[32]['sara-backward']:.2f}× plain") in section
+    assert (f"SaRA exact {phases[64]['sara']:.2f}×, compiled {phases[64]['sara-compiled']:.2f}×, step in backward "
+            f"(compiled) {phases[64]['sara-backward']:.2f}×") in section
+    speed = pd.read_csv(RESULTS / "compact_step_speed_cpu.csv").set_index("option")["x exact"]
+    assert (f"took {speed['exact compiled']:.2f}× the stock exact step, "
+            f"{speed['no value copy compiled'] / speed['no value copy (fp32 moments)']:.2f}× the no-copy one and "
+            f"{speed['compact (bf16) compiled'] / speed['compact (bf16)']:.2f}× the compact one") in section
+    ckpt = pd.read_csv(RESULTS / "memory_time_cpu_sd15_checkpointing.csv").set_index("key")
+    a, b = ckpt.loc["sara"], ckpt.loc["sara-backward-eager"]
+    assert (f"tracker {a['tracker peak above frozen (MB)']:,.0f} → {b['tracker peak above frozen (MB)']:,.0f} MB, "
+            f"peak RSS {a['peak RSS above loaded model (MB)']:,.0f} → {b['peak RSS above loaded model (MB)']:,.0f} MB"
+            ) in section
+    assert (f"{a['peak RSS above loaded model, fixed mmap threshold (MB)']:,.0f} → "
+            f"{b['peak RSS above loaded model, fixed mmap threshold (MB)']:,.0f} MB with a fixed mmap") in section
