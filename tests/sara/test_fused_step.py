@@ -192,3 +192,8 @@ def test_step_in_backward_with_gradient_checkpointing_is_the_default_step():
     per_layer, _ = _run(steps=3, unet=model(), step_in_backward=True)
     assert torch.equal(_flat(per_layer), _flat(stock))
     assert not torch.equal(_flat(stock), _flat(model()))
+
+
+def test_step_in_backward_refuses_several_processes(launched_rank):
+    with pytest.raises(ConfigError, match="step_in_backward=True.*one process"):
+        SaRAAdamW(build_unet(SMALL_CONFIG, seed=0), step_in_backward=True)
