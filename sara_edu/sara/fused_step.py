@@ -18,11 +18,12 @@ mode (``step_in_backward=True``) uses: the gradient hook updates the weight
 while its dense gradient still exists, so the selected gradients are never
 stored.
 
-Rounding: the formula is torch's AdamW in fp32 with the step size and the
-bias corrections computed in float64 on the host, as torch's fused kernel
-does; the generated code may contract multiply-adds differently, so values
-can differ from the stock step in the last bits
-(``tests/sara/test_fused_step.py`` measures it and bounds it).
+Rounding: the formula is torch's fused CPU AdamW kernel's, operation by
+operation, with the step size and the bias corrections computed in float64 on
+the host as that kernel does (see :func:`_update_entries`), so on a CPU the
+values are the stock step's bit for bit (``tests/sara/test_fused_step.py``).
+On CUDA, Triton's code rounds otherwise than torch's fused CUDA kernel
+(``tests/cuda`` bounds the difference).
 
 Compilations: ``dynamic=True``, so a weight's size is a symbol and every weight
 with two or more trained entries shares one kernel per (kind of step, dtype,
@@ -148,15 +149,15 @@ def fused_adamw_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, step: float,
     if group.get("amsgrad") or group.get("maximize"):
         raise ConfigError("the compiled SaRA step supports plain AdamW only (amsgrad=False, maximize=False)")
     beta1, beta2 = group["betas"]
+    if not 1 - beta1 < 0.5:  # the kernel's lerp takes its other branch then
+        raise ConfigError(f"the compiled SaRA step needs beta1 > 0.5 (got betas={group['betas']!r}); use "
+                          "compiled=False")
     lr, eps = float(group["lr"]), float(group["eps"])
     # in float64 on the host, then rounded to float32, as torch's fused AdamW computes them
     step_size = lr / (1 - beta1**step)
     coefficients = torch.tensor([1 - lr * group["weight_decay"], 1 - beta1, beta2, 1 - beta2,
                                  math.sqrt(1 - beta2**step), eps, -step_size], dtype=torch.float32,
                                 device=flat.device)
-    if not 1 - beta1 < 0.5:
-        raise ConfigError(f"the compiled SaRA step needs beta1 > 0.5 (got betas={group['betas']!r}); use "
-                          "compiled=False")
     kernel = _kernel(gather_grad)
     piece = CPU_PIECE if flat.device.type == "cpu" else max(idx.numel(), 1)
     n = idx.numel()

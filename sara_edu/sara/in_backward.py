@@ -47,10 +47,6 @@ def hook_step(optimizer, slot) -> None:
     slot.handle = slot.param.register_post_accumulate_grad_hook(update)
 
 
-def _group(optimizer, slot) -> dict:
-    return next(g for g in optimizer.param_groups if any(v is slot.values for v in g["params"]))
-
-
 @torch.no_grad()
 def _update(optimizer, slot, p) -> None:
     if isinstance(p.grad, StepTakenGrad) or slot.stepped == optimizer.steps_done:
@@ -63,9 +59,9 @@ def _update(optimizer, slot, p) -> None:
     nuclear = _nuclear_for(optimizer, slot)
     if nuclear is not None and optimizer.nuclear_via == "adam":  # the term joins the gradient before AdamW
         step_weight(optimizer, slot, dense.index_select(0, slot.idx).add_(nuclear.to(dense.dtype)),
-                    _group(optimizer, slot))
+                    optimizer._group_of(slot))
     else:
-        step_weight(optimizer, slot, dense, _group(optimizer, slot), dense_grad=True)
+        step_weight(optimizer, slot, dense, optimizer._group_of(slot), dense_grad=True)
     if nuclear is not None and optimizer.nuclear_via == "direct":
         optimizer._step_nuclear_directly(slot, nuclear)
     optimizer._note_versions([slot])
@@ -99,7 +95,7 @@ def finish_step(optimizer) -> None:
         optimizer._follow_weights([slot])
         nuclear = optimizer._nuclear_grad(slot)
         if optimizer.nuclear_via == "adam":
-            step_weight(optimizer, slot, nuclear, _group(optimizer, slot))
+            step_weight(optimizer, slot, nuclear, optimizer._group_of(slot))
         else:
             optimizer._step_nuclear_directly(slot, nuclear)
         optimizer._note_versions([slot])

@@ -20,8 +20,8 @@ forward+backward step at batch 1 of 32×32 latents (7.0 s) and less at larger
 batches (the Gram matrix in float32 took 0.5 s on average, but dropped
 σ < 3.5e-4·σ_max). ``nuclear_every`` and ``nuclear_max_numel`` cut it further.
 The optimizer reads ``U·Vᵀ`` at its trained entries only (:func:`nuclear_norm_grad_at`),
-piece by piece, so the term's transient memory stays at a few MB beyond the dense
-``ΔW⊙M`` itself.
+piece by piece, so beyond the dense ``ΔW⊙M`` the term's transients are the
+small side's n×n matrices and one piece of rows at a time.
 """
 from __future__ import annotations
 
@@ -68,24 +68,35 @@ def nuclear_norm_grad(delta: torch.Tensor, method: str = "gram") -> tuple[torch.
     tall = work.shape[0] >= work.shape[1]
     A = (work if tall else work.T).to(torch.float64)  # the Gram matrix squares σ: float32 would keep 3.5e-4·σ_max
     try:
-        evals, V = torch.linalg.eigh(A.T @ A)
+        P, nuc = _gram_inverse_root(A.T @ A)
     except torch.linalg.LinAlgError:
         # cuSOLVER's eigensolver can fail to converge on such a Gram matrix: seen on an H100 early in a run,
         # when ΔW⊙M is tiny and mostly zero (benchmarks/results/gpu_h100/). The SVD gives the same quantity.
         return nuclear_norm_grad(delta, "svd")
+    if P is None:
+        return torch.zeros_like(delta), 0.0
+    G = A @ P  # P is only n×n: forming it first makes the m-sized work a single matmul
+    G = G if tall else G.T
+    return G.to(delta.dtype), nuc
+
+
+def _gram_inverse_root(gram: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """``(V·Σ⁻¹·Vᵀ, Σσ)`` from a float64 Gram matrix ``AᵀA = VΣ²Vᵀ``, so that ``U·Vᵀ = A·V·Σ⁻¹·Vᵀ``.
+
+    Directions with ``σ < sqrt(eps₆₄)·σ_max`` are left out (see :func:`nuclear_norm_grad`); ``(None, 0.0)``
+    if none is kept (a zero matrix). Raises ``torch.linalg.LinAlgError`` where the eigensolver fails.
+    """
+    evals, V = torch.linalg.eigh(gram)
     sigma = evals.clamp_min(0).sqrt()
     smax = sigma.max() if sigma.numel() else sigma.new_zeros(())
-    keep = sigma > smax * math.sqrt(torch.finfo(A.dtype).eps)
+    keep = sigma > smax * math.sqrt(torch.finfo(torch.float64).eps)
     if not bool(keep.any()):
-        return torch.zeros_like(delta), 0.0
+        return None, 0.0
     Vk = V[:, keep]
-    # (V Σ⁻¹ Vᵀ) is only n×n: forming it first makes the m-sized work a single matmul
-    G = A @ ((Vk / sigma[keep]) @ Vk.T)
-    G = G if tall else G.T
-    return G.to(delta.dtype), float(sigma[keep].sum())
+    return (Vk / sigma[keep]) @ Vk.T, float(sigma[keep].sum())
 
 
-# Rows (of the tall orientation) per piece in nuclear_norm_grad_at: the float64 copies stay at a few MB
+# Rows (of the tall orientation) per piece in nuclear_norm_grad_at: one piece in float64 is n x 1024
 NUCLEAR_PIECE_ROWS = 1024
 
 
@@ -97,8 +108,8 @@ def nuclear_norm_grad_at(delta: torch.Tensor, positions: torch.Tensor,
     ``"gram"`` method never forms ``U·Vᵀ``, nor ``delta`` in float64, in full:
     the Gram matrix is summed piece by piece over :data:`NUCLEAR_PIECE_ROWS`
     rows, and ``U·Vᵀ = A·(V·Σ⁻¹·Vᵀ)`` is computed a piece at a time and read at
-    the positions in it. On an SD-1.5-sized UNet's largest matrix (10240×1280)
-    this keeps about 60 MB of transients instead of about 300 MB. The sums run
+    the positions in it: the transients are the small side's n×n matrices and
+    one piece at a time (``tests/sara/test_optimizer.py`` bounds them). The sums run
     in another order than one matmul's, so the result can differ from
     :func:`nuclear_norm_grad` in the last bits of float64 (then rounded to the
     weights' dtype). ``"svd"`` reads the full result.
@@ -116,18 +127,13 @@ def nuclear_norm_grad_at(delta: torch.Tensor, positions: torch.Tensor,
         a = A[part].to(torch.float64)
         gram.addmm_(a.T, a)
     try:
-        evals, V = torch.linalg.eigh(gram)
+        P, nuc = _gram_inverse_root(gram)
     except torch.linalg.LinAlgError:  # as in nuclear_norm_grad: cuSOLVER can fail on such a Gram matrix
         G, nuc = nuclear_norm_grad(delta, "svd")
         return G.reshape(-1).index_select(0, positions.long()), nuc
-    sigma = evals.clamp_min(0).sqrt()
-    smax = sigma.max() if sigma.numel() else sigma.new_zeros(())
-    keep = sigma > smax * math.sqrt(torch.finfo(torch.float64).eps)
     out = torch.zeros(positions.numel(), dtype=delta.dtype, device=delta.device)
-    if not bool(keep.any()):
+    if P is None:
         return out, 0.0
-    Vk = V[:, keep]
-    P = (Vk / sigma[keep]) @ Vk.T
     positions = positions.long()
     if tall:  # pieces of delta's rows: their positions are one sorted run
         bounds = torch.searchsorted(positions, torch.tensor([p.start * cols for p in pieces] + [rows * cols],
@@ -144,7 +150,7 @@ def nuclear_norm_grad_at(delta: torch.Tensor, positions: torch.Tensor,
             if inside.numel():
                 g = P @ A[part].to(torch.float64).T  # delta's columns of this piece, all its rows
                 out[inside] = g[r[inside], c[inside] - part.start].to(out.dtype)
-    return out, float(sigma[keep].sum())
+    return out, nuc
 
 
 def nuclear_norm_penalty(obj, rank_lambda: float | None = None, per_layer: bool = False):

@@ -506,6 +506,10 @@ class SaRAAdamW(torch.optim.AdamW):
         self._count_step()
         return loss
 
+    def _group_of(self, slot: _Slot) -> dict:
+        """The param group that holds ``slot``'s values (its lr, betas, weight decay)."""
+        return next(group for group in self.param_groups if any(v is slot.values for v in group["params"]))
+
     def _count_step(self) -> None:
         self.steps_done += 1
         if self.progressive_iter is not None and self.steps_done == self.progressive_iter:
@@ -519,7 +523,7 @@ class SaRAAdamW(torch.optim.AdamW):
     def _step_nuclear_directly(self, slot: _Slot, g: torch.Tensor) -> None:
         """``nuclear_via="direct"``: values -= lr·λ·UVᵀ[M] after AdamW's step, into the copy and the weight."""
         self._direct_nuclear = None
-        lr = next(group["lr"] for group in self.param_groups if any(p is slot.values for p in group["params"]))
+        lr = self._group_of(slot)["lr"]
         new = current_values(slot, self.value_copy) - lr * g.to(slot.values.dtype)
         if self.value_copy:
             slot.values.copy_(new)
