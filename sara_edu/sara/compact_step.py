@@ -162,43 +162,67 @@ def compact_adamw_step(optimizer) -> None:
     flush()
 
 
-@torch.no_grad()
-def step_weight(optimizer, slot, grad: torch.Tensor, group: dict, *, dense_grad: bool = False) -> None:
-    """AdamW on one weight's trained entries, then write them into the weight.
+# The per-layer mode (step_in_backward) steps a weight in blocks of this many entries as their gradient arrives.
+# A multiple of CPU_CHUNK (and so of the fused kernel's vector width): the kernels then see the same slices of
+# entries as when the whole selected gradient is there, and round alike.
+PIECE_ENTRIES = 1 << 16
 
-    ``grad``: the selected gradient, or with ``dense_grad`` the weight's flat
-    dense gradient (the per-layer mode, inside the gradient hook: the compiled
-    kernel reads it at the positions, else it is gathered here).
+
+def positions_between(positions):
+    """``f(start, stop)``: the int64 positions of a weight's trained entries ``start…stop``. Plain positions are
+    converted a block at a time (no int64 copy of them all); compact encodings are decoded once, here."""
+    if positions.kind == "index":
+        codes = positions.codes
+        return lambda start, stop: codes[start:stop].long()
+    idx = positions.decode(torch.int64)
+    return lambda start, stop: idx[start:stop]
+
+
+def step_weight(optimizer, slot, grad: torch.Tensor, group: dict) -> None:
+    """AdamW on one weight's trained entries (``grad``: their selected gradient), then write them into the weight."""
+    step_pieces(optimizer, slot, group, [(0, grad)])
+
+
+@torch.no_grad()
+def step_pieces(optimizer, slot, group: dict, pieces) -> None:
+    """AdamW on one weight's trained entries, a block at a time, then write them into the weight.
+
+    ``pieces`` yields ``(start, grad)``, the selected gradient of entries
+    ``start…start + len(grad)``, in order and covering them all; every piece
+    but the last is a multiple of ``PIECE_ENTRIES`` long. The per-layer mode
+    hands over each block as soon as its gradient exists.
     """
     state = optimizer.state[slot.values]
     if not state:  # e.g. resumed from a checkpoint saved before this weight's first step
         _new_state(state, group, slot.count, optimizer.moments, slot.param.device)
-    # decoded once for the gather and the scatter, as int64: scatter_ needs it, and on a CPU scatter_ is
-    # ~1.5x faster than index_put_ with int32 positions
-    idx = slot.positions.decode(torch.int64)
+    positions_of = positions_between(slot.positions)
     flat = flat_view(slot.param)
     exp_avg, exp_avg_sq = load_moments(state)
     state["step"] += 1  # as torch's _fused_adamw and _single_tensor_adam: the kernels do not count
-    if optimizer.compiled and can_compile():
-        copy = slot.values.detach() if optimizer.value_copy else None
-        fused_adamw_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, float(state["step"]), group,
-                            gather_grad=dense_grad)
-        store_moments(state, optimizer.moments, exp_avg, exp_avg_sq, optimizer.moment_generator)
-        return
-    if dense_grad:
-        grad = grad.index_select(0, idx)
-    values = slot.values.detach()
-    grad = grad.float()
-    chunk = CPU_CHUNK if flat.device.type == "cpu" else max(idx.numel(), 1)
-    for part in (slice(s, s + chunk) for s in range(0, idx.numel(), chunk)):
-        if optimizer.value_copy:
-            work = values[part].float()  # a view of the copy, updated in place, when fp32
-        else:
-            work = flat.index_select(0, idx[part]).float()
-        _adamw_([work], [grad[part]], [exp_avg[part]], [exp_avg_sq[part]], [state["step"]], group)
-        if optimizer.value_copy and values.dtype != torch.float32:
-            values[part] = work
-        flat.scatter_(0, idx[part], work.to(flat.dtype))
+    compiled = optimizer.compiled and can_compile()
+    values, total = slot.values.detach(), slot.count
+    for start, grad in pieces:
+        stop = start + grad.numel()
+        # decoded for the gather and the scatter as int64: scatter_ needs it, and on a CPU scatter_ is ~1.5x
+        # faster than index_put_ with int32 positions
+        idx = positions_of(start, stop)
+        if compiled:
+            fused_adamw_entries(flat, idx, grad, exp_avg[start:stop], exp_avg_sq[start:stop],
+                                values[start:stop] if optimizer.value_copy else None, float(state["step"]), group,
+                                entries=(start, total))
+            continue
+        grad = grad.float()
+        chunk = CPU_CHUNK if flat.device.type == "cpu" else max(stop - start, 1)
+        for offset in range(0, stop - start, chunk):
+            part, entries = slice(offset, offset + chunk), slice(start + offset, min(start + offset + chunk, stop))
+            if optimizer.value_copy:
+                work = values[entries].float()  # a view of the copy, updated in place, when fp32
+            else:
+                work = flat.index_select(0, idx[part]).float()
+            _adamw_([work], [grad[part]], [exp_avg[entries]], [exp_avg_sq[entries]], [state["step"]], group)
+            if optimizer.value_copy and values.dtype != torch.float32:
+                values[entries] = work
+            flat.scatter_(0, idx[part], work.to(flat.dtype))
     store_moments(state, optimizer.moments, exp_avg, exp_avg_sq, optimizer.moment_generator)
 
 

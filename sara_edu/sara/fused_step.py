@@ -13,10 +13,9 @@ weight is a single function that ``torch.compile`` turns into one loop
 
 with the bias corrections, the decoupled weight decay and, where it is added to
 the gradient, the nuclear-norm term (added before the call, as in the stock
-step). Reading the gradient from the dense ``grad[j]`` is what the per-layer
-mode (``step_in_backward=True``) uses: the gradient hook updates the weight
-while its dense gradient still exists, so the selected gradients are never
-stored.
+step). The per-layer mode (``step_in_backward=True``) calls it on one block
+of entries at a time, as their gradient arrives: ``entries`` says where the
+block lies among the weight's entries, which is what the rounding depends on.
 
 Rounding: the formula is torch's fused CPU AdamW kernel's, operation by
 operation, with the step size and the bias corrections computed in float64 on
@@ -26,8 +25,7 @@ On CUDA, Triton's code rounds otherwise than torch's fused CUDA kernel
 (``tests/cuda`` bounds the difference).
 
 Compilations: ``dynamic=True``, so a weight's size is a symbol and every weight
-with two or more trained entries shares one kernel per (kind of step, dtype,
-device); torch specialises sizes 0 and 1, so a weight with a single trained
+with two or more trained entries shares one kernel per (dtype, device); torch specialises sizes 0 and 1, so a weight with a single trained
 entry compiles once more. Progressive adjustment changes only sizes, never
 the kernel. :data:`COMPILE_STATS` counts the compilations and their seconds.
 """
@@ -44,13 +42,13 @@ from ..errors import ConfigError
 
 #: Compilations this process ran, and the wall seconds of the calls that compiled.
 COMPILE_STATS = {"compilations": 0, "seconds": 0.0}
-_KERNELS: dict = {}  # gather_grad -> the compiled function
+_KERNELS: dict = {}  # "kernel" -> the compiled function
 # On a CPU the generated kernel computes the new values into a buffer, then writes them back (the weight is
 # read and written): entries are passed in pieces of this many, so the buffer stays in the cache.
 CPU_PIECE = 1 << 16
 
 
-def _update_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, tail_from, gather_grad: bool):
+def _update_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, tail_from):
     """AdamW on ``flat[idx]`` in place (and on ``copy``, when the optimizer keeps a copy of the values).
 
     The operations and their order are those of torch's fused CPU AdamW kernel
@@ -61,7 +59,7 @@ def _update_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, ta
     """
     decay, c1, beta2, c2, bc2_sqrt, eps, neg_step_size = coefficients.unbind()
     w = (copy if copy is not None else flat[idx]).float()
-    g = (grad[idx] if gather_grad else grad).float()
+    g = grad.float()
     w = w * decay
     m = fma(c1, g - exp_avg, exp_avg)  # exp_avg.lerp_(grad, 1 - beta1), as the kernel computes it
     # the stock kernel's vector body and its scalar tail (the last n mod width entries) round v differently
@@ -75,20 +73,10 @@ def _update_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, ta
     flat.index_put_((idx,), w.to(flat.dtype))
 
 
-def _from_selected(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, tail_from):
-    _update_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, tail_from, gather_grad=False)
-
-
-def _from_dense(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, tail_from):
-    _update_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, tail_from, gather_grad=True)
-
-
-def _kernel(gather_grad: bool):
-    # two functions, not one closure: torch.compile keeps its compiled code per Python function
-    if gather_grad not in _KERNELS:
-        _KERNELS[gather_grad] = torch.compile(_from_dense if gather_grad else _from_selected, dynamic=True,
-                                              fullgraph=True)
-    return _KERNELS[gather_grad]
+def _kernel():
+    if "kernel" not in _KERNELS:
+        _KERNELS["kernel"] = torch.compile(_update_entries, dynamic=True, fullgraph=True)
+    return _KERNELS["kernel"]
 
 
 def check_compile_option(compiled) -> None:
@@ -139,12 +127,14 @@ def _graph_count() -> int:
 
 @torch.no_grad()
 def fused_adamw_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, step: float, group: dict, *,
-                        gather_grad: bool = False) -> None:
+                        entries: tuple[int, int] | None = None) -> None:
     """One AdamW step of one weight's trained entries (``step`` already counted), in one compiled kernel.
 
     ``flat`` the weight's flat view, ``idx`` int64 positions, ``grad`` the
-    selected gradient (or, with ``gather_grad``, the weight's flat dense
-    gradient), fp32 moments updated in place, ``copy`` the value copy or None.
+    selected gradient, fp32 moments updated in place, ``copy`` the value copy
+    or None. ``entries=(first, total)``: these are the weight's entries
+    ``first…`` of ``total`` (default: all of them), for the rounding of the
+    stock kernel's scalar tail.
     """
     if group.get("amsgrad") or group.get("maximize"):
         raise ConfigError("the compiled SaRA step supports plain AdamW only (amsgrad=False, maximize=False)")
@@ -158,19 +148,18 @@ def fused_adamw_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, step: float,
     coefficients = torch.tensor([1 - lr * group["weight_decay"], 1 - beta1, beta2, 1 - beta2,
                                  math.sqrt(1 - beta2**step), eps, -step_size], dtype=torch.float32,
                                 device=flat.device)
-    kernel = _kernel(gather_grad)
+    kernel = _kernel()
     piece = CPU_PIECE if flat.device.type == "cpu" else max(idx.numel(), 1)
-    n = idx.numel()
-    tail_from = n - n % stock_vector_width() if flat.device.type == "cpu" else n
+    first, total = entries if entries is not None else (0, idx.numel())
+    tail_from = (total - total % stock_vector_width() if flat.device.type == "cpu" else total) - first
     # .detach() of a view is a tensor without a ._base (same storage, same version counter): the compiled code
     # then guards on the tensors' own sizes only, not on the shapes of the weights they view
     flat = flat.detach()
-    grad = grad.detach() if gather_grad else grad
     for start in range(0, idx.numel(), piece):
         part = slice(start, start + piece)
         before = _graph_count()
         began = time.perf_counter()
-        kernel(flat, idx[part].detach(), grad if gather_grad else grad[part].detach(), exp_avg[part].detach(),
+        kernel(flat, idx[part].detach(), grad[part].detach(), exp_avg[part].detach(),
                exp_avg_sq[part].detach(), None if copy is None else copy[part].detach(), coefficients,
                tail_from - start)
         if _graph_count() != before:

@@ -30,41 +30,106 @@ import weakref
 import torch
 
 from ..errors import ConfigError
-from .compact_step import step_weight
+from . import compact_step, row_grad
+from .compact_step import positions_between, step_pieces, step_weight
 from .grad import STEP_IN_BACKWARD_ONCE, StepTakenGrad
 
 
-def hook_step(optimizer, slot) -> None:
-    """Register the hook that updates ``slot``'s weight as soon as its dense gradient exists."""
+def hook_step(optimizer, slot):
+    """Update ``slot``'s weight as soon as its dense gradient exists; returns the handle that undoes it.
+
+    A large Linear/Conv2d weight has its gradient made a block of rows at a time instead (:mod:`.row_grad`); its
+    hook stays, so that a gradient arriving by another way is refused (updated once per step) rather than lost.
+    """
     ref = weakref.ref(optimizer)  # the hook must not hold the optimizer (a deleted optimizer frees its state)
 
     def update(p, slot=slot):
         opt = ref()
+        # autograd runs this hook even when no gradient reached the weight: as for a routed weight, whose
+        # gradient went to update_from_rows (a gradient arriving on top of that one raises in StepTakenGrad.add_)
+        if opt is not None and p.grad is not None and not isinstance(p.grad, StepTakenGrad):
+            _update(opt, slot, p, _dense_blocks(p.grad.reshape(-1)))
+
+    def update_from_rows(blocks, slot=slot):
+        opt = ref()
         if opt is not None:
-            _update(opt, slot, p)
+            _update(opt, slot, slot.param, blocks)
+        return opt is not None
 
     slot.param.requires_grad_(True)
-    slot.handle = slot.param.register_post_accumulate_grad_hook(update)
+    handles = [slot.param.register_post_accumulate_grad_hook(update)]
+    layer = _layer_of(optimizer, slot)
+    if layer is not None and row_grad.routable(layer, slot.param):
+        handles.append(row_grad.Route(layer, update_from_rows))
+    return _Handles(handles)
+
+
+class _Handles:
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _layer_of(optimizer, slot):
+    module_name, _, attribute = slot.name.rpartition(".")
+    model = optimizer._model_ref()
+    if attribute != "weight" or model is None:
+        return None
+    try:
+        return model.get_submodule(module_name)
+    except AttributeError:
+        return None
+
+
+def _dense_blocks(dense: torch.Tensor):
+    """The hook's dense gradient as blocks of ROW_BLOCK_BYTES (views: it exists already; only the reads are split)."""
+    size = max(1, row_grad.ROW_BLOCK_BYTES // dense.element_size())
+    for first in range(0, dense.numel(), size):
+        yield first, min(size, dense.numel() - first), lambda first=first: dense[first:first + size]
 
 
 @torch.no_grad()
-def _update(optimizer, slot, p) -> None:
+def _update(optimizer, slot, p, blocks) -> None:
+    """Update ``slot``'s weight from ``blocks``, (first position, count, () -> dense gradient there), in order."""
     if isinstance(p.grad, StepTakenGrad) or slot.stepped == optimizer.steps_done:
         raise ConfigError(STEP_IN_BACKWARD_ONCE)
-    dense = p.grad.reshape(-1)
     p.grad = StepTakenGrad(p.shape, slot.grad_positions, slot.values.detach()[:0], slot.name)
     slot.values.grad = StepTakenGrad(slot.values.shape, None, slot.values.detach()[:0], slot.name)
     slot.stepped = optimizer.steps_done
     optimizer._follow_weights([slot])
     nuclear = _nuclear_for(optimizer, slot)
-    if nuclear is not None and optimizer.nuclear_via == "adam":  # the term joins the gradient before AdamW
-        step_weight(optimizer, slot, dense.index_select(0, slot.idx).add_(nuclear.to(dense.dtype)),
-                    optimizer._group_of(slot))
-    else:
-        step_weight(optimizer, slot, dense, optimizer._group_of(slot), dense_grad=True)
+    joins = nuclear if optimizer.nuclear_via == "adam" else None  # the term joins the gradient before AdamW
+    step_pieces(optimizer, slot, optimizer._group_of(slot), _selected_pieces(slot, blocks, joins))
     if nuclear is not None and optimizer.nuclear_via == "direct":
         optimizer._step_nuclear_directly(slot, nuclear)
     optimizer._note_versions([slot])
+
+
+def _selected_pieces(slot, blocks, nuclear):
+    """The selected gradient as step_pieces takes it, read from each block of the dense gradient while it exists:
+    pieces of PIECE_ENTRIES entries (the last one shorter), whichever blocks their entries come from."""
+    positions, total = positions_between(slot.positions), slot.count
+    sorted_positions = slot.positions.codes if slot.positions.kind == "index" else positions(0, total)
+    done, pending = 0, []
+    for first, count, dense in blocks:
+        bounds = torch.tensor([first, first + count], dtype=sorted_positions.dtype, device=sorted_positions.device)
+        start, stop = torch.searchsorted(sorted_positions, bounds).tolist()
+        if start == stop:  # no trained entry in these rows: their gradient is never made
+            continue
+        selected = dense().index_select(0, positions(start, stop) - first)
+        if nuclear is not None:
+            selected.add_(nuclear[start:stop].to(selected.dtype))
+        pending.append(selected)
+        ready = stop - done if stop == total else (stop - done) - (stop - done) % compact_step.PIECE_ENTRIES
+        if ready:
+            joined = torch.cat(pending) if len(pending) > 1 else pending[0]
+            yield done, joined[:ready]
+            pending, done = [joined[ready:]], done + ready
+        if done == total:
+            return
 
 
 def _nuclear_for(optimizer, slot) -> torch.Tensor | None:
@@ -76,7 +141,7 @@ def _nuclear_for(optimizer, slot) -> torch.Tensor | None:
             eligible = optimizer.eligible_for_nuclear()
             if eligible:
                 optimizer._nuclear_pick[0] = optimizer._rng.choice(eligible)
-    if optimizer._nuclear_pick[0] is not slot:
+    if slot is None or optimizer._nuclear_pick[0] is not slot:  # None: finish_step only makes sure of the draw
         return None
     optimizer._nuclear_pick[1] = True
     return optimizer._nuclear_grad(slot)

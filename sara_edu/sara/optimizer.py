@@ -385,7 +385,8 @@ class SaRAAdamW(torch.optim.AdamW):
     def _hook(self, slot: _Slot) -> None:
         """Gather the selected entries of the weight's grad; leave only them on ``param.grad``."""
         if self.step_in_backward:
-            return hook_step(self, slot)
+            slot.handle = hook_step(self, slot)
+            return
         sync = self.sync  # the hook must not hold the optimizer (a deleted optimizer frees its state)
 
         def gather(p, slot=slot):

@@ -197,3 +197,97 @@ def test_step_in_backward_with_gradient_checkpointing_is_the_default_step():
 def test_step_in_backward_refuses_several_processes(launched_rank):
     with pytest.raises(ConfigError, match="step_in_backward=True.*one process"):
         SaRAAdamW(build_unet(SMALL_CONFIG, seed=0), step_in_backward=True)
+
+
+@pytest.fixture
+def _small_blocks(monkeypatch):
+    # every Linear/Conv2d of the small model has its gradient made in several blocks of rows, and the selected
+    # gradient reaches AdamW in several pieces, some joined across blocks (a multiple of the kernel's vector width)
+    from sara_edu.sara import row_grad
+
+    monkeypatch.setattr(row_grad, "ROW_BLOCK_BYTES", 512)
+    monkeypatch.setattr(compact_step, "PIECE_ENTRIES", 64)
+
+
+def _distance(model, reference):
+    """How far ``model`` is from ``reference``, relative to how far training moved ``reference``."""
+    moved = (_flat(reference) - _flat(build_unet(SMALL_CONFIG, seed=0))).norm()
+    return float((_flat(model) - _flat(reference)).norm() / moved)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(nuclear_via="direct"), dict(compiled=True),
+                                     dict(value_copy=False, compiled=True), dict(positions="delta"),
+                                     dict(rank_lambda=0.0)],
+                         ids=["exact", "direct nuclear", "compiled", "compiled, no copy", "delta positions",
+                              "no nuclear term"])
+def test_weights_updated_from_blocks_of_rows_are_the_default_step(_small_blocks, options):
+    from sara_edu.sara.row_grad import RowBlockConv2d, RowBlockLinear
+
+    stock, _ = _run(**{k: v for k, v in options.items() if k != "compiled"})
+    per_layer, opt = _run(**options, step_in_backward=True)
+    routed = [m for m in per_layer.modules() if isinstance(m, (RowBlockLinear, RowBlockConv2d))]
+    assert len(routed) > 10 and any(isinstance(m, RowBlockConv2d) for m in routed)
+    # a block of rows of a weight's gradient is the same sums as autograd's, from a matmul/convolution of another
+    # shape, which can round otherwise in the last bits: 1.7e-6 of the training's movement after six steps here
+    assert _distance(per_layer, stock) < 1e-4
+    # detaching gives back ordinary layers
+    opt.detach()
+    assert {type(m) for m in per_layer.modules()} == {type(m) for m in stock.modules()}
+
+
+def test_a_gradient_in_blocks_of_rows_is_autograds(_small_blocks):
+    from sara_edu.sara.row_grad import _RowBlockGrad, _row_blocks
+
+    for layer, x in ((nn.Linear(24, 40), torch.randn(3, 7, 24)), (nn.Conv2d(6, 20, 3, padding=1), torch.randn(2, 6, 9, 9))):
+        x.requires_grad_(True)
+        out = layer(x)
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, layer.weight, layer.bias], gout)
+        taken = []
+
+        def update(blocks):
+            taken.extend(block() for _, _, block in blocks)
+            return True
+
+        mine = _RowBlockGrad.apply(x, layer.weight, layer.bias, layer, update)
+        assert torch.equal(mine, out)  # the same forward call
+        gx, gb = torch.autograd.grad(mine, [x, layer.bias], gout)
+        assert torch.equal(gx, grads[0])  # the same kernel call
+        torch.testing.assert_close(gb, grads[2], rtol=1e-5, atol=1e-7)  # a plain sum (the kernel's is fused)
+        assert len(taken) > 2
+        torch.testing.assert_close(torch.cat(taken).view(layer.weight.shape), grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_blocks_of_rows_with_gradient_checkpointing_and_refusals(_small_blocks):
+    def model():
+        unet = build_unet(SMALL_CONFIG, seed=0)
+        unet.enable_gradient_checkpointing()
+        return unet.train()
+
+    stock, _ = _run(steps=3, unet=model())
+    per_layer, opt = _run(steps=3, unet=model(), step_in_backward=True)
+    assert _distance(per_layer, stock) < 1e-4
+    x, t, c = _batch(1)
+    per_layer(x, t, c).sample.pow(2).mean().backward()
+    with pytest.raises(ConfigError, match="step_in_backward=True.*clip_grad_norm_"):  # a routed weight too
+        torch.nn.utils.clip_grad_norm_(per_layer.conv_in.parameters(), 1.0)
+    with pytest.raises(ConfigError, match="second gradient.*accumulation|once per step"):
+        per_layer(x, t, c).sample.pow(2).mean().backward()
+
+
+def test_a_routed_layer_whose_optimizer_is_gone_gets_its_whole_gradient(_small_blocks):
+    import copy
+    import gc
+
+    layer = nn.Sequential(nn.Linear(40, 64))
+    opt = SaRAAdamW(layer, lr=1e-2, fraction=0.3, step_in_backward=True)
+    assert type(layer[0]).__name__ == "RowBlockLinear"
+    twin = copy.deepcopy(layer)  # a copy is an ordinary layer again: its forward is its parent's
+    x = torch.randn(5, 40)
+    twin[0].weight.requires_grad_(True)
+    twin(x).pow(2).sum().backward()
+    del opt
+    gc.collect()
+    layer(x).pow(2).sum().backward()
+    assert type(layer[0].weight.grad) is torch.Tensor
+    torch.testing.assert_close(layer[0].weight.grad, twin[0].weight.grad, rtol=1e-5, atol=1e-6)
