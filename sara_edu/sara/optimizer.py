@@ -245,7 +245,10 @@ class SaRAAdamW(torch.optim.AdamW):
       the first step); on CUDA Triton kernels, not yet measured on a GPU.
     * ``step_in_backward=True``: each weight is updated inside the backward
       pass, as soon as its gradient exists, so the selected gradients (4 bytes
-      per trained entry) are never held; bit for bit the default step. What
+      per trained entry) are never held, and a large Linear/Conv2d weight's
+      dense gradient is made a block of rows at a time (:mod:`.row_grad`).
+      The default step's numbers: bit for bit, except that a weight gradient
+      made in blocks of rows can round otherwise in its last bits. What
       needs every gradient before any update is refused with a clear error:
       global gradient clipping, ``GradScaler``, gradient accumulation, several
       processes. ``step()`` then only finishes the step (the nuclear-norm term

@@ -48,6 +48,7 @@ class _RowBlockGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        ctx.update(None)  # a second call of the layer in this step is refused here, before its old weight is read
         x, weight = ctx.saved_tensors
         layer, need_x, need_bias = ctx.layer, ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[2]
         if isinstance(layer, nn.Conv2d):
@@ -125,7 +126,7 @@ class Route:
     """``layer``'s weight gradient goes to ``update(blocks)`` until :meth:`remove` (a hook handle's interface).
 
     ``update`` returns False if it could not take the gradient (its optimizer was deleted): the weight then gets
-    the whole gradient as ``.grad``, as without the route.
+    the whole gradient as ``.grad``, as without the route. ``update(None)`` only checks that it can take one.
     """
 
     def __init__(self, layer: nn.Module, update):

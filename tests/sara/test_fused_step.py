@@ -245,8 +245,8 @@ def test_a_gradient_in_blocks_of_rows_is_autograds(_small_blocks):
         grads = torch.autograd.grad(out, [x, layer.weight, layer.bias], gout)
         taken = []
 
-        def update(blocks):
-            taken.extend(block() for _, _, block in blocks)
+        def update(blocks):  # None: "can you take a gradient?"
+            taken.extend(block() for _, _, block in blocks or ())
             return True
 
         mine = _RowBlockGrad.apply(x, layer.weight, layer.bias, layer, update)
@@ -291,3 +291,25 @@ def test_a_routed_layer_whose_optimizer_is_gone_gets_its_whole_gradient(_small_b
     layer(x).pow(2).sum().backward()
     assert type(layer[0].weight.grad) is torch.Tensor
     torch.testing.assert_close(layer[0].weight.grad, twin[0].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_large_layer_called_twice_in_one_forward_is_refused_with_the_way_out(_small_blocks, monkeypatch):
+    from sara_edu.sara import row_grad
+
+    def twice(bytes_):
+        monkeypatch.setattr(row_grad, "ROW_BLOCK_BYTES", bytes_)
+        torch.manual_seed(0)
+        layer = nn.Sequential(nn.Linear(40, 40))
+        opt = SaRAAdamW(layer, lr=1e-2, fraction=0.3, step_in_backward=True)
+        layer(layer(torch.randn(5, 40))).pow(2).sum().backward()
+        opt.step()
+        return layer
+
+    with pytest.raises(ConfigError, match=r"called twice in one forward.*ROW_BLOCK_BYTES = float\('inf'\)"):
+        twice(512)
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(40, 40))
+    opt = SaRAAdamW(reference, lr=1e-2, fraction=0.3)
+    reference(reference(torch.randn(5, 40))).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(twice(float("inf"))[0].weight, reference[0].weight)  # whole: both calls' gradient, summed
