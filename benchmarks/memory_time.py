@@ -638,13 +638,19 @@ def check_targets(table: pd.DataFrame, model="sd15") -> list[tuple[str, bool | N
         if x is not None:  # issue 21: compact ones <= 1.20x, exact ones <= 1.10x
             limit = 1.20 if "compact" in key else 1.10
             results.append((f"{key}: step time <= {limit:.2f}x plain fwd+bwd", x <= limit, f"{x:.3f}x"))
+    # issue 21's "300 MB" is in 10^6 B, as its "344 MB" of selected gradients on SD 1.5 (85,952,088 x 4 B);
+    # these tables' MB are 2^20 B: the target is 286 of them
+    target = 300e6 / MB
     for key in ("sara-backward", "sara-backward-eager", "sara-compact-backward"):
         default = "sara-compact" if "compact" in key else "sara"
-        for column in ("peak RSS above loaded model (MB)", "peak RSS above loaded model, fixed mmap threshold (MB)"):
+        for column in ("peak RSS above loaded model (MB)", "peak RSS above loaded model, fixed mmap threshold (MB)",
+                       "tracker peak above frozen (MB)"):
             a, b = val(key, column), val(default, column)
             if a is not None and b is not None:
-                results.append((f"{key}: peak RSS >= 300 MB below {default}'s ({column.split('(')[0].strip()})",
-                                b - a >= 300, f"{b - a:.0f} MB below ({a:.0f} vs {b:.0f} MB)"))
+                rss = column.startswith("peak RSS")
+                results.append((f"{key}: {column.split(' (')[0]}" + (f" >= 300e6 B ({target:.0f} MB) below"
+                                                                     if rss else " below") + f" {default}'s",
+                                b - a >= target if rss else None, f"{b - a:.0f} MB below ({a:.0f} vs {b:.0f} MB)"))
     full_peak, sel_peak = val("full", "tracker peak above frozen (MB)"), val("selective", "tracker peak above frozen (MB)")
     sara_peak = val("sara", "tracker peak above frozen (MB)")
     if sara_peak is not None and full_peak:

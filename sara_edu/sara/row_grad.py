@@ -97,7 +97,10 @@ def _row_blocks(weight, rows):
 class _RowBlockLayer:
     def forward(self, x):
         update = _ROUTES.get(self)
-        if update is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+        # under torch.compile the layer is its parent: a traced backward must not hide the update's side effects
+        # (the weight then gets its whole gradient, and its hook updates it as for any other weight)
+        if (update is None or not torch.is_grad_enabled() or not self.weight.requires_grad
+                or torch.compiler.is_compiling()):
             return super().forward(x)
         return _RowBlockGrad.apply(x, self.weight, self.bias, self, update)
 
