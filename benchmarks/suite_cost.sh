@@ -59,6 +59,8 @@ printf 'pytest: %s\n' "$summary"
 
 out="$repo/benchmarks/results/suite_cost.csv"
 [ -f "$out" ] || echo "date,commit,label,load_processes,pytest_args,wall,user_s,system_s,cpu_min,max_rss_kb,exit,pytest" > "$out"
-echo "$(date -u +%Y-%m-%dT%H:%MZ),$sha,$label,$load,\"$pytest_args\",$wall,$user,$sys,$cpu_min,$maxrss,$status,\"$summary\"" >> "$out"
+# the free-text fields quoted as CSV wants them (a comma in a label once shifted a row's columns)
+quote() { printf '"%s"' "${1//\"/\"\"}"; }
+echo "$(date -u +%Y-%m-%dT%H:%MZ),$sha,$(quote "$label"),$load,$(quote "$pytest_args"),$wall,$user,$sys,$cpu_min,$maxrss,$status,$(quote "$summary")" >> "$out"
 echo "logs: $work/test.log, $work/time.log"
 exit "$status"

@@ -131,6 +131,9 @@ def test_the_readme_quotes_how_the_step_runs_as_recorded():
             f"(compiled) {phases[32]['sara-backward']:.2f}× plain") in section
     assert (f"SaRA exact {phases[64]['sara']:.2f}×, compiled {phases[64]['sara-compiled']:.2f}×, step in backward "
             f"(compiled) {phases[64]['sara-backward']:.2f}×") in section
+    compact = pd.read_csv(RESULTS / "step_phases_cpu_64_compact.csv").set_index("key")["x plain"]
+    assert (f"SaRA compact {compact['sara-compact']:.2f}×, compiled {compact['sara-compact-compiled']:.2f}×, step in "
+            f"backward (compiled) {compact['sara-compact-backward']:.2f}×") in section
     speed = pd.read_csv(RESULTS / "compact_step_speed_cpu.csv").set_index("option")["x exact"]
     assert (f"took {speed['exact compiled']:.2f}× the stock exact step, "
             f"{speed['no value copy compiled'] / speed['no value copy (fp32 moments)']:.2f}× the no-copy one and "
@@ -142,3 +145,19 @@ def test_the_readme_quotes_how_the_step_runs_as_recorded():
             ) in section
     assert (f"{a['peak RSS above loaded model, fixed mmap threshold (MB)']:,.0f} → "
             f"{b['peak RSS above loaded model, fixed mmap threshold (MB)']:,.0f} MB with a fixed mmap") in section
+    saving = {c: a[c] - b[c] for c in ("tracker peak above frozen (MB)", "peak RSS above loaded model (MB)",
+                                       "peak RSS above loaded model, fixed mmap threshold (MB)")}
+    assert (f"{saving['tracker peak above frozen (MB)']:.0f} MB lower on the tracker, "
+            f"{saving['peak RSS above loaded model, fixed mmap threshold (MB)']:.0f} MB lower in peak RSS with a fixed "
+            f"mmap threshold, {saving['peak RSS above loaded model (MB)']:.0f} MB with glibc's default") in section
+
+
+def test_the_suite_cost_record_parses_row_by_row():
+    # a label with a comma, written unquoted, once shifted a row's columns (pandas then read it without an error)
+    table = pd.read_csv(RESULTS / "suite_cost.csv")
+    assert list(table.columns) == ["date", "commit", "label", "load_processes", "pytest_args", "wall", "user_s",
+                                   "system_s", "cpu_min", "max_rss_kb", "exit", "pytest"]
+    assert table.index.equals(pd.RangeIndex(len(table)))
+    assert table["commit"].str.fullmatch(r"[0-9a-f]{7,}").all()
+    assert table["load_processes"].dtype.kind == "i" and table["cpu_min"].dtype.kind == "f"
+    assert table["pytest"].str.contains("passed|failed|stopped").all()

@@ -20,8 +20,10 @@ layer's input per block (a convolution unfolds its input again for each).
 
 The layer is switched to a subclass (:class:`RowBlockLinear`,
 :class:`RowBlockConv2d`) that behaves exactly like its parent, and back when
-SaRA detaches; a copy of the model (``deepcopy``, pickle) is an ordinary layer
-again, since the routing lives in this module, not in the layer.
+SaRA detaches; in a copy of the model (``deepcopy``, pickle) it runs as its
+parent, since the routing lives in this module, not in the layer. Under
+autocast and inside ``torch.compile`` the layer runs as its parent too: its
+weight then gets its whole gradient, which its hook reads as any other's.
 """
 from __future__ import annotations
 
@@ -97,10 +99,11 @@ def _row_blocks(weight, rows):
 class _RowBlockLayer:
     def forward(self, x):
         update = _ROUTES.get(self)
-        # under torch.compile the layer is its parent: a traced backward must not hide the update's side effects
-        # (the weight then gets its whole gradient, and its hook updates it as for any other weight)
+        # the layer is its parent (its weight gets its whole gradient, and its hook updates it as any other's)
+        # under torch.compile, where a traced backward must not hide the update's side effects,
+        # and under autocast, whose casts of the weight autograd undoes in its own way
         if (update is None or not torch.is_grad_enabled() or not self.weight.requires_grad
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
             return super().forward(x)
         return _RowBlockGrad.apply(x, self.weight, self.bias, self, update)
 
@@ -120,7 +123,8 @@ def routable(layer: nn.Module, weight: torch.Tensor) -> bool:
     """A plain Linear/Conv2d (no subclass: its forward may do more), this weight its own, too large to hold whole."""
     if type(layer) not in _ROUTED or layer.weight is not weight:
         return False
-    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)
+                                         or layer.groups != 1):  # a block of output channels must see every input
         return False
     return weight.numel() * weight.element_size() > ROW_BLOCK_BYTES
 

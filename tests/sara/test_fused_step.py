@@ -313,3 +313,25 @@ def test_a_large_layer_called_twice_in_one_forward_is_refused_with_the_way_out(_
     reference(reference(torch.randn(5, 40))).pow(2).sum().backward()
     opt.step()
     assert torch.equal(twice(float("inf"))[0].weight, reference[0].weight)  # whole: both calls' gradient, summed
+
+
+def test_blocks_of_rows_under_bf16_autocast_and_grouped_convolutions(_small_blocks):
+    # under autocast a routed layer runs as its parent (autograd undoes the weight's cast itself); a grouped
+    # convolution is never routed (a block of output channels would not see every input)
+    from sara_edu.sara.row_grad import routable
+
+    assert not routable(nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, groups=2).weight)
+
+    def run(**options):
+        unet = build_unet(SMALL_CONFIG, seed=0)
+        opt = SaRAAdamW(unet, **SETTINGS, **options)
+        for i in range(2):
+            x, t, c = _batch(i)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = unet(x, t, c).sample.float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return unet
+
+    assert torch.equal(_flat(run(step_in_backward=True)), _flat(run()))
