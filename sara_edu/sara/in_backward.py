@@ -131,10 +131,13 @@ def _selected_pieces(slot, blocks, nuclear):
     pieces of PIECE_ENTRIES entries (the last one shorter), whichever blocks their entries come from."""
     positions, total = positions_between(slot.positions), slot.count
     sorted_positions = slot.positions.codes if slot.positions.kind == "index" else positions(0, total)
+    blocks = list(blocks)  # (the gradients are made later, when called)
+    # every block's range of entries in one search: on a GPU, one wait for the device per weight, not per block
+    edges = torch.tensor([first for first, _, _ in blocks] + [blocks[-1][0] + blocks[-1][1]] if blocks else [0],
+                         dtype=sorted_positions.dtype, device=sorted_positions.device)
+    edges = torch.searchsorted(sorted_positions, edges).tolist()
     done, pending = 0, []
-    for first, count, dense in blocks:
-        bounds = torch.tensor([first, first + count], dtype=sorted_positions.dtype, device=sorted_positions.device)
-        start, stop = torch.searchsorted(sorted_positions, bounds).tolist()
+    for (first, count, dense), start, stop in zip(blocks, edges, edges[1:]):
         if start == stop:  # no trained entry in these rows: their gradient is never made
             continue
         selected = dense().index_select(0, positions(start, stop) - first)
