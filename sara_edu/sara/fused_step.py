@@ -8,7 +8,7 @@ weight is a single function that ``torch.compile`` turns into one loop
 (Inductor: C++/OpenMP on a CPU, Triton on a GPU, from the same code):
 
     for each trained entry i at position j of the weight:
-        w = weight[j] (or the value copy)   g = gradient[i] (or the dense gradient[j])
+        w = weight[j] (or the value copy)   g = gradient[i]
         AdamW on (w, g, m[i], v[i])         weight[j] = w
 
 with the bias corrections, the decoupled weight decay and, where it is added to
@@ -25,8 +25,9 @@ On CUDA, Triton's code rounds otherwise than torch's fused CUDA kernel
 (``tests/cuda`` bounds the difference).
 
 Compilations: ``dynamic=True``, so a weight's size is a symbol and every weight
-with two or more trained entries shares one kernel per (dtype, device); torch specialises sizes 0 and 1, so a weight with a single trained
-entry compiles once more. Progressive adjustment changes only sizes, never
+with two or more trained entries shares one kernel per (dtype, device);
+torch specialises sizes 0 and 1, so a weight with a single trained entry
+compiles once more. Progressive adjustment changes only sizes, never
 the kernel. :data:`COMPILE_STATS` counts the compilations and their seconds.
 """
 from __future__ import annotations

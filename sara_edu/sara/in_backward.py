@@ -41,6 +41,7 @@ from ..errors import ConfigError
 from . import compact_step, row_grad
 from .compact_step import positions_between, step_pieces, step_weight
 from .grad import STEP_IN_BACKWARD_ONCE, StepTakenGrad
+from .positions import entry_bounds
 
 
 ROUTED_TWICE = ("a second gradient arrived for {name!r} in one step. " + STEP_IN_BACKWARD_ONCE + ". A layer called "
@@ -133,9 +134,8 @@ def _selected_pieces(slot, blocks, nuclear):
     sorted_positions = slot.positions.codes if slot.positions.kind == "index" else positions(0, total)
     blocks = list(blocks)  # (the gradients are made later, when called)
     # every block's range of entries in one search: on a GPU, one wait for the device per weight, not per block
-    edges = torch.tensor([first for first, _, _ in blocks] + [blocks[-1][0] + blocks[-1][1]] if blocks else [0],
-                         dtype=sorted_positions.dtype, device=sorted_positions.device)
-    edges = torch.searchsorted(sorted_positions, edges).tolist()
+    edges = entry_bounds(sorted_positions, [first for first, _, _ in blocks] + [blocks[-1][0] + blocks[-1][1]]
+                         if blocks else [0])
     done, pending = 0, []
     for (first, count, dense), start, stop in zip(blocks, edges, edges[1:]):
         if start == stop:  # no trained entry in these rows: their gradient is never made

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from .attach import optimizer_of
+from .positions import entry_bounds
 
 
 def nuclear_norm_grad(delta: torch.Tensor, method: str = "gram") -> tuple[torch.Tensor, float]:
@@ -136,10 +137,8 @@ def nuclear_norm_grad_at(delta: torch.Tensor, positions: torch.Tensor,
         return out, 0.0
     positions = positions.long()
     if tall:  # pieces of delta's rows: their positions are one sorted run
-        bounds = torch.searchsorted(positions, torch.tensor([p.start * cols for p in pieces] + [rows * cols],
-                                                            device=positions.device))
-        for i, part in enumerate(pieces):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
+        bounds = entry_bounds(positions, [p.start * cols for p in pieces] + [rows * cols])
+        for part, lo, hi in zip(pieces, bounds, bounds[1:]):
             if hi > lo:
                 g = A[part].to(torch.float64) @ P
                 out[lo:hi] = g.reshape(-1).index_select(0, positions[lo:hi] - part.start * cols).to(out.dtype)

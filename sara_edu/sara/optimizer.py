@@ -241,8 +241,8 @@ class SaRAAdamW(torch.optim.AdamW):
 
     * ``compiled=True``: gather, AdamW and write-back of each weight as one
       ``torch.compile``'d kernel (:mod:`sara_edu.sara.fused_step`); on a CPU
-      bit for bit the stock step, compiled once per kind of step (seconds, in
-      the first step); on CUDA Triton kernels, not yet measured on a GPU.
+      bit for bit the stock step, compiled once per dtype and device (seconds,
+      in the first step); on CUDA Triton kernels, not yet measured on a GPU.
     * ``step_in_backward=True``: each weight is updated inside the backward
       pass, as soon as its gradient exists, so the selected gradients (4 bytes
       per trained entry) are never held, and a large Linear/Conv2d weight's

@@ -187,6 +187,13 @@ def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.nonzero(mask).view(-1)
 
 
+def entry_bounds(sorted_positions: torch.Tensor, edges: list[int]) -> list[int]:
+    """Where each flat position of ``edges`` (ascending) falls among a weight's sorted trained positions: two
+    consecutive bounds are the range of entries between two edges. One search for all (one device wait)."""
+    edges = torch.tensor(edges, dtype=sorted_positions.dtype, device=sorted_positions.device)
+    return torch.searchsorted(sorted_positions, edges).tolist()
+
+
 def positions_nbytes(positions) -> int:
     """Bytes of the tensors behind one encoding (what it costs to keep)."""
     return sum(t.untyped_storage().nbytes() for t in positions.tensors())

@@ -12,11 +12,13 @@ autograd computes them, then the weight's gradient for a block of output rows
 (channels) at a time, each read at its trained entries and handed to the
 update before the next block is made.
 
-The numbers are the default step's: each row of a weight's gradient is the
-same sum over the same products whether computed alone or with the others
-(``tests/sara/test_fused_step.py`` compares the trained weights bit for bit on
-this CPU's kernels). Computing the rows in blocks costs a pass over the
-layer's input per block (a convolution unfolds its input again for each).
+The numbers are the default step's up to rounding: each row of a weight's
+gradient is the same sum over the same products whether computed alone or
+with the others, but a matmul or convolution of another shape may add them in
+another order (bit-identical for SD-1.5-sized blocks on this CPU, last-bit
+differences on the small test UNet; ``tests/sara/test_fused_step.py`` bounds
+them). Computing the rows in blocks costs a pass over the layer's input per
+block (a convolution unfolds its input again for each).
 
 The layer is switched to a subclass (:class:`RowBlockLinear`,
 :class:`RowBlockConv2d`) that behaves exactly like its parent, and back when

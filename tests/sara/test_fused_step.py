@@ -38,6 +38,12 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def _checkpointed_unet():
+    unet = build_unet(SMALL_CONFIG, seed=0)
+    unet.enable_gradient_checkpointing()  # diffusers' own switch: each block's forward recomputed in backward
+    return unet.train()
+
+
 @pytest.fixture(autouse=True)
 def _no_grouping(monkeypatch):
     # the stock compact step updates small weights in groups, which draws the stochastic rounding of bf16 moments
@@ -183,15 +189,10 @@ def test_resuming_moves_between_the_modes_exactly():
 def test_step_in_backward_with_gradient_checkpointing_is_the_default_step():
     # diffusers' gradient checkpointing recomputes each block's forward inside backward: every weight is still
     # updated after the last use of its old value (what the per-layer mode relies on)
-    def model():
-        unet = build_unet(SMALL_CONFIG, seed=0)
-        unet.enable_gradient_checkpointing()
-        return unet.train()
-
-    stock, _ = _run(steps=3, unet=model())
-    per_layer, _ = _run(steps=3, unet=model(), step_in_backward=True)
+    stock, _ = _run(steps=3, unet=_checkpointed_unet())
+    per_layer, _ = _run(steps=3, unet=_checkpointed_unet(), step_in_backward=True)
     assert torch.equal(_flat(per_layer), _flat(stock))
-    assert not torch.equal(_flat(stock), _flat(model()))
+    assert not torch.equal(_flat(stock), _flat(_checkpointed_unet()))
 
 
 def test_step_in_backward_refuses_several_processes(launched_rank):
@@ -259,13 +260,8 @@ def test_a_gradient_in_blocks_of_rows_is_autograds(_small_blocks):
 
 
 def test_blocks_of_rows_with_gradient_checkpointing_and_refusals(_small_blocks):
-    def model():
-        unet = build_unet(SMALL_CONFIG, seed=0)
-        unet.enable_gradient_checkpointing()
-        return unet.train()
-
-    stock, _ = _run(steps=3, unet=model())
-    per_layer, opt = _run(steps=3, unet=model(), step_in_backward=True)
+    stock, _ = _run(steps=3, unet=_checkpointed_unet())
+    per_layer, opt = _run(steps=3, unet=_checkpointed_unet(), step_in_backward=True)
     assert _distance(per_layer, stock) < 1e-4
     x, t, c = _batch(1)
     per_layer(x, t, c).sample.pow(2).mean().backward()
