@@ -42,14 +42,14 @@ PYEOF
 fi
 if [[ $SECTIONS == *phases* ]]; then
   timeout 200 $PY benchmarks/step_phases.py --device cuda --batch-sizes 1,8 \
-    --methods "${PHASE_METHODS:-plain,full,sara,sara-compiled,sara-backward,sara-compact,sara-compact-compiled,lora4}" \
+    --methods "${PHASE_METHODS:-plain,full,sara,sara-graphs,sara-compiled,sara-backward,sara-compact,sara-compact-compiled,lora4}" \
     --out "$OUT_DIR/step_phases_cuda.csv" \
     > "$OUT_DIR/step_phases.txt" 2>&1
   tail -16 "$OUT_DIR/step_phases.txt"; lap phases
 fi
 if [[ $SECTIONS == *bench* ]]; then
   timeout 420 $PY benchmarks/memory_time.py --models sd15 --device cuda --steps 10 --rounds 1 \
-    --methods "${BENCH_METHODS:-plain,full,sara,sara-compiled,sara-backward,sara-compact,sara-compact-compiled,sara-compact-backward,lora4}" --once full,lora4 --max-grad-norm none \
+    --methods "${BENCH_METHODS:-plain,full,sara,sara-graphs,sara-compiled,sara-backward,sara-compact,sara-compact-compiled,sara-compact-backward,lora4}" --once full,lora4 --max-grad-norm none \
     --out "$OUT_DIR/memory_time_cuda_sd15.csv" > "$OUT_DIR/memory_time.txt" 2>&1
   tail -30 "$OUT_DIR/memory_time.txt"; lap bench
 fi

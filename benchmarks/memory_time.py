@@ -233,6 +233,12 @@ class PlainForwardBackward(TrainingMethod):
 RUN = {"side": None, "max_grad_norm": 1.0, "tracker": True, "checkpointing": False}
 
 
+def _graph_stats(method) -> str:
+    """``cuda_graphs=True``: how many steps captured a graph, replayed one, ran eagerly; else empty."""
+    stats = getattr(getattr(method, "optimizer", None), "graph_stats", None)
+    return "" if stats is None else f"{stats['captures']}, {stats['replays']}, {stats['eager']}"
+
+
 def _sara(**kwargs):
     from sara_edu.training.sara import SaRA
 
@@ -300,6 +306,7 @@ METHODS = {
     "sara-compact8": ("SaRA 10% compact 8-bit (no copy, delta, 8-bit)",
                       lambda unet: (_sara(compact=True, moments="8bit"), None)),
     "sara-compiled": ("SaRA 10% exact, compiled step", lambda unet: (_sara(compiled=True), None)),
+    "sara-graphs": ("SaRA 10% exact, CUDA graphs (GPU only)", lambda unet: (_sara(cuda_graphs=True), None)),
     "sara-compact-compiled": ("SaRA 10% compact, compiled step",
                               lambda unet: (_sara(compact=True, compiled=True), None)),
     "sara-backward-eager": ("SaRA 10% exact, step in backward (not compiled)",
@@ -484,6 +491,7 @@ def run_worker(model: str, key: str, steps: int, tracked: bool, device) -> dict:
     row = {"method": label, "key": key, "trainable parameters": n, "step optimizer CPU times (s)": optimizer_cpu,
            "compilations": COMPILE_STATS["compilations"], "compile wall (s)": COMPILE_STATS["seconds"],
            "compilations in timed steps": COMPILE_STATS["compilations"] - compiled_before_timing["n"],
+           "cuda graphs (captures, replays, eager)": _graph_stats(method),
            "max_grad_norm": clip, "gradient checkpointing": RUN["checkpointing"],
            "peak RSS above loaded model (MB)": (peak_rss - rss_loaded) / MB if rss_reset else math.nan,
            "RSS after loading (MB)": rss_loaded / MB, "step CPU times (s)": cpu, "step wall times (s)": wall, **gpu}

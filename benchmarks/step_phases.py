@@ -106,6 +106,9 @@ def main(argv=None):
             row = {"batch": batch, "method": METHODS[key][0], "key": key}
             row.update({f"{p} (ms)": 1e3 * statistics.median(times[p]) for p in PHASES})
             row["step (ms)"] = sum(row[f"{p} (ms)"] for p in PHASES)
+            graphs = getattr(runs[key][1], "graph_stats", None)  # cuda_graphs: captures, replays, eager steps
+            if graphs is not None:
+                row["graphs"] = "{captures}/{replays}/{eager}".format(**graphs)
             rows.append(row)
         del runs
         if cuda:

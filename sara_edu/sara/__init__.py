@@ -20,7 +20,7 @@ the compact state options: :mod:`.positions`, :mod:`.moments`,
 
 and how the step runs: :mod:`.fused_step` (``compiled=True``: one generated kernel per weight) and the
 per-layer mode, :mod:`.in_backward` (``step_in_backward=True``: each weight updated inside backward, no selected
-gradients kept).
+gradients kept), and :mod:`.cuda_graph` (``cuda_graphs=True``: the exact step replayed as one CUDA graph).
 """
 from .attach import attached_owner, detach, merge
 from .footprint import state_bytes

@@ -14,6 +14,10 @@ froze (a sparse file stores every entry that trained), but no value, moment or
 starting value for them: they are counted apart (``"frozen positions"``), in
 the total but not in the bytes per *trained* entry, which therefore still
 describes what one entry that trains costs.
+
+With ``cuda_graphs=True`` the selected gradients stay between steps in the
+buffers a CUDA graph reads (``"gradient buffers"``, 4 bytes per entry of a
+captured weight): counted in the total, apart from the bytes per entry.
 """
 from __future__ import annotations
 
@@ -44,8 +48,10 @@ def state_bytes(optimizer) -> dict:
     Returns ``{"values", "positions", "moments", "initial"}`` in bytes (the
     state of the entries training now), ``"frozen positions"`` (bytes) and
     ``"frozen entries"`` (entries frozen by progressive adjustment, see the
-    module docstring), ``"total"`` (all of it), ``"trained entries"`` (training
-    now) and ``"bytes per entry"`` (the four parts per entry training now).
+    module docstring), ``"gradient buffers"`` (``cuda_graphs=True``, see the
+    module docstring), ``"total"`` (all of it), ``"trained entries"``
+    (training now) and ``"bytes per entry"`` (the four parts per entry
+    training now).
     The moments exist from the first step on (torch creates optimizer state
     lazily), so measure after a step.
     """
@@ -55,7 +61,7 @@ def state_bytes(optimizer) -> dict:
                           "state_bytes(method.optimizer))")
     seen: set = set()
     parts = dict.fromkeys(STATE_PARTS, 0)
-    frozen = 0
+    frozen = buffers = 0
     for slot in optimizer.slots:
         parts["values"] += _storage_bytes([slot.values.detach()], seen)
         parts["positions"] += _storage_bytes(slot.positions.tensors(), seen)
@@ -63,9 +69,10 @@ def state_bytes(optimizer) -> dict:
         state = optimizer.state.get(slot.values, {})
         parts["moments"] += _storage_bytes(moment_tensors(state) + [state.get("step")], seen)
         parts["initial"] += _storage_bytes([slot.initial], seen)
+        buffers += _storage_bytes([getattr(slot, "grad_buffer", None)], seen)
     entries = int(optimizer.num_trainable)
     training = sum(parts.values())
     return {**parts, "frozen positions": frozen, "frozen entries": sum(p.count for s in optimizer.slots
                                                                        for p in s.frozen),
-            "total": training + frozen, "trained entries": entries,
+            "gradient buffers": buffers, "total": training + frozen + buffers, "trained entries": entries,
             "bytes per entry": training / entries if entries else float("nan")}

@@ -66,6 +66,7 @@ from .distributed import (
     check_supported_setup,
     distributed_run,
 )
+from .cuda_graph import StepGraphs, check_graph_option
 from .fused_step import check_compile_option
 from .grad import SelectedGrad
 from .in_backward import finish_step, hook_step
@@ -96,6 +97,7 @@ class _Slot:
     version: tuple = ()  # _write_mark of the weight when the values were last in step with it
     payload: torch.Tensor | None = None  # the values' grad the hook put on param.grad (a SelectedGrad)
     stepped: int = -1  # step_in_backward: steps_done when the hook last updated this weight
+    grad_buffer: torch.Tensor | None = None  # cuda_graphs: the fixed tensor the hook gathers the gradient into
 
     @property
     def idx(self) -> torch.Tensor:
@@ -253,6 +255,13 @@ class SaRAAdamW(torch.optim.AdamW):
       global gradient clipping, ``GradScaler``, gradient accumulation, several
       processes. ``step()`` then only finishes the step (the nuclear-norm term
       of a weight that got no gradient, the step count, progressive adjustment).
+    * ``cuda_graphs=True`` (exact state, CUDA): AdamW and the write-back of
+      every weight are captured once as a CUDA graph and replayed with one
+      launch (:mod:`.cuda_graph`); captured again when progressive adjustment
+      or a resume moves the tensors. Keeps each selected gradient in a fixed
+      buffer (+4 bytes per trained entry between steps); the numbers are the
+      exact step's, the lr read as float32. Off by default: not yet measured
+      on a GPU. ``graph_stats`` counts captures, replays and eager steps.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, threshold: float | None = None,
@@ -264,7 +273,8 @@ class SaRAAdamW(torch.optim.AdamW):
                  selection: Selection | None = None, include_frozen: bool = False, *, compact: bool = False,
                  value_copy: bool | None = None, positions: str | None = None, moments: str | None = None,
                  nuclear_targets: str = "2d", nuclear_of: str = "update", reset_moments: bool = False,
-                 nuclear_via: str = "adam", compiled: bool = False, step_in_backward: bool = False):
+                 nuclear_via: str = "adam", compiled: bool = False, step_in_backward: bool = False,
+                 cuda_graphs: bool = False):
         check_is_model(model, type(self).__name__)
         if threshold is None and fraction is None and selection is None:
             threshold = 2e-3  # the authors' θ for Stable Diffusion 1.5
@@ -356,6 +366,10 @@ class SaRAAdamW(torch.optim.AdamW):
                         for v in values)
         super().__init__(values, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          fused=fused or None, foreach=None if (fused or self._own_step) else True)
+        check_graph_option(cuda_graphs, own_step=self._own_step, positions=self.positions,
+                           fused=bool(self.param_groups[0]["fused"]), devices=[s.param.device for s in self.slots])
+        self.cuda_graphs = cuda_graphs
+        self._graphs = StepGraphs(self.slots, self.slots[0].param.device) if cuda_graphs and self.slots else None
         if self._own_step:
             init_state(self)  # the moments now, in one go (see compact_step.init_state)
         # GradScaler must unscale the gradients and skip a step with inf/NaN itself, before step() runs: the
@@ -399,7 +413,11 @@ class SaRAAdamW(torch.optim.AdamW):
                     raise ConfigError(f"stale SaRA gradient on {slot.name!r}: call zero_grad() after step()")
                 sel = g.values
             else:
-                sel = g.reshape(-1).index_select(0, slot.idx)
+                buf = slot.grad_buffer  # cuda_graphs: the graph reads the gradient from this fixed tensor
+                if buf is not None and buf.numel() == slot.count and buf.dtype == g.dtype and buf.device == g.device:
+                    sel = torch.index_select(g.reshape(-1), 0, slot.idx, out=buf)
+                else:
+                    sel = g.reshape(-1).index_select(0, slot.idx)
                 # the dense grad dies here
                 p.grad = SelectedGrad(p.shape, slot.grad_positions, sel, slot.name, sync.guard)
             slot.values.grad = sel
@@ -419,6 +437,7 @@ class SaRAAdamW(torch.optim.AdamW):
         slot.values.grad = None
         slot.param.grad = None
         slot.payload = None
+        slot.grad_buffer = None  # its size or its graph is gone (progressive adjustment, resume, detach)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear SaRA's gradients: the optimizer's and the ``SelectedGrad`` on each weight."""
@@ -498,7 +517,7 @@ class SaRAAdamW(torch.optim.AdamW):
                 self._add_nuclear_grad()
         if self._own_step:  # compact state: AdamW written out, gather/update/scatter per layer
             compact_adamw_step(self)
-        else:
+        elif self._graphs is None or not self._graphs.step(self):  # a CUDA graph replayed, or the stock kernels
             adamw_update(self)
             with torch.no_grad():
                 for slot in self.slots:
@@ -536,6 +555,8 @@ class SaRAAdamW(torch.optim.AdamW):
     def progressive_adjust(self):
         """Run progressive adjustment now (see :func:`~sara_edu.sara.progressive.progressive_adjust`)."""
         self._follow_weights()
+        if self._graphs is not None:
+            self._graphs.clear()  # the trained entries shrink: every tensor a graph touches moves
         if not isinstance(self.selection.indices, _TrainedPositions):
             # from now on the positions that trained are the slots' (still training + frozen); the selection's
             # own copy of the first positions would keep a second 4 bytes per trained entry alive all run
@@ -570,6 +591,11 @@ class SaRAAdamW(torch.optim.AdamW):
             slot.version = _write_mark(slot.param)
 
     # ---------------------------------------------------------------- reporting
+    @property
+    def graph_stats(self) -> dict | None:
+        """``cuda_graphs=True``: steps that captured a graph, replayed one, ran eagerly (None without graphs)."""
+        return None if self._graphs is None else dict(self._graphs.stats)
+
     @property
     def num_trainable(self) -> int:
         """How many entries train now (after progressive adjustment, fewer)."""
@@ -648,6 +674,8 @@ class SaRAAdamW(torch.optim.AdamW):
         self.selection = replace(self.selection, indices=_TrainedPositions(self.slots),
                                  thresholds={s.name: s.threshold for s in self.slots},
                                  extra=dict(sara.get("selection_extra", self.selection.extra)))
+        if self._graphs is not None:
+            self._graphs.clear()
         if self._ddp is not None:
             self._ddp.keep_anchor()  # the loop above may have frozen it
         self.steps_done = sara["steps_done"]
@@ -688,6 +716,8 @@ class SaRAAdamW(torch.optim.AdamW):
             self._clear_grad(slot)
             slot.values.data = slot.values.data[:0]  # free the trainable copy; the weights hold the values
             slot.initial = None
+        if self._graphs is not None:
+            self._graphs.clear()
         if self._ddp is not None:
             self._ddp.remove()
             self._ddp = None

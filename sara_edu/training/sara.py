@@ -42,7 +42,8 @@ class SaRA(SparseMethod):
     :class:`~sara_edu.sara.SaRAAdamW`; the defaults follow the paper's text).
     ``compiled``: the fused, ``torch.compile``'d step (same numbers); ``step_in_backward``: each weight is updated
     inside the backward pass and no selected gradient is kept (needs ``train(max_grad_norm=None)``, one process,
-    no gradient accumulation, no fp16 scaler).
+    no gradient accumulation, no fp16 scaler); ``cuda_graphs``: the exact step captured as a CUDA graph (a model
+    on a GPU; see :mod:`sara_edu.sara.cuda_graph`).
     """
 
     threshold: float | None = None
@@ -66,6 +67,7 @@ class SaRA(SparseMethod):
     nuclear_via: str = "adam"
     compiled: bool = False
     step_in_backward: bool = False
+    cuda_graphs: bool = False
     name: str = "sara"
     optimizer: SaRAAdamW | None = field(default=None, init=False, repr=False)
 
@@ -89,7 +91,8 @@ class SaRA(SparseMethod):
                                    value_copy=self.value_copy, positions=self.positions, moments=self.moments,
                                    nuclear_targets=self.nuclear_targets, nuclear_of=self.nuclear_of,
                                    reset_moments=self.reset_moments, nuclear_via=self.nuclear_via,
-                                   compiled=self.compiled, step_in_backward=self.step_in_backward)
+                                   compiled=self.compiled, step_in_backward=self.step_in_backward,
+                                   cuda_graphs=self.cuda_graphs)
         return self.optimizer
 
     def _opt(self) -> SaRAAdamW:

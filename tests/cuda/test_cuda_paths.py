@@ -6,6 +6,7 @@ CPU or against the exact path on the GPU, with TF32 off and deterministic cuDNN,
 so that a difference means a bug, not a kernel's rounding mode.
 """
 import copy
+import math
 import os
 
 import pytest
@@ -254,3 +255,54 @@ def test_step_in_backward_on_cuda_peaks_below_the_default_step():
         peaks[mode] = torch.cuda.max_memory_allocated(CUDA) - before
         del unet, opt
     assert peaks[True] < peaks[False], peaks
+
+
+# CUDA graphs exist on CUDA only: the CPU dry run of these tests skips them (tests/sara covers their bookkeeping)
+GRAPHS = pytest.mark.skipif(CUDA.type != "cuda", reason="CUDA graphs need a CUDA device")
+
+
+def _graphed_run(options, lr_factor=lambda step: 1.0 if step < 2 else 0.25):
+    unet = build_unet(SMALL_CONFIG, seed=0).to(CUDA)
+    opt = SaRAAdamW(unet, **{**KWARGS, **options})
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    for i in range(6):
+        x, t, c = _batch(i, CUDA)
+        unet(x, t, c).sample.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+    return _flat(unet), opt
+
+
+@GRAPHS
+def test_cuda_graphs_replay_the_exact_cuda_step_bit_for_bit():
+    # lr a float32 number, and an LR schedule: the graph reads each step's lr from a float32 tensor
+    eager, _ = _graphed_run(dict(lr=2.0**-9))
+    graphed, opt = _graphed_run(dict(lr=2.0**-9, cuda_graphs=True))
+    assert torch.equal(graphed, eager)
+    # step 1 eager (no AdamW state yet), one graph before progressive adjustment (step 3), one after
+    assert opt.graph_stats == {"captures": 2, "replays": 5, "eager": 1}
+
+
+@GRAPHS
+def test_cuda_graphs_with_any_lr_round_only_the_lr():
+    base = _flat(build_unet(SMALL_CONFIG, seed=0))
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / 6))  # noqa: E731
+    eager, _ = _graphed_run(dict(lr=1e-3), cosine)
+    graphed, _ = _graphed_run(dict(lr=1e-3, cuda_graphs=True), cosine)
+    diff = (graphed - eager).norm() / (eager - base).norm()
+    assert diff < 1e-4, float(diff)
+
+
+@GRAPHS
+def test_cuda_graphs_through_the_course_loop():
+    from sara_edu.sd import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0, device=CUDA)
+    data = StyleDataset("cyberpunk", digits=[0, 1], limit_per_digit=2)
+    method = SaRA(threshold=0.02, rank_lambda=5e-4, cuda_graphs=True)
+    history = train(pipe, data, method, steps=6, lr=1e-3, batch_size=2, progress=False, device=CUDA,
+                    mixed_precision="bf16")
+    assert history.loss.notna().all()
+    stats = method.optimizer.graph_stats
+    assert stats["replays"] >= 4 and stats["captures"] <= 2, stats
