@@ -150,6 +150,13 @@ def test_the_readme_quotes_how_the_step_runs_as_recorded():
     assert (f"{saving['tracker peak above frozen (MB)']:.0f} MB lower on the tracker, "
             f"{saving['peak RSS above loaded model, fixed mmap threshold (MB)']:.0f} MB lower in peak RSS with a fixed "
             f"mmap threshold, {saving['peak RSS above loaded model (MB)']:.0f} MB with glibc's default") in section
+    runs = RESULTS / "memory_time_cpu_sd15_checkpointing_repeat2_runs"
+    rss = {path.stem: json.loads(path.read_text())["peak RSS above loaded model (MB)"] for path in runs.glob("*.json")}
+    for run in ("round1", "round2"):
+        a, b = rss[f"sd15_sara_{run}_steps2"], rss[f"sd15_sara-backward-eager_{run}_steps2"]
+        assert f"{a:,.0f} → {b:,.0f} MB ({a - b:.0f} MB lower) in {run.replace('round', 'round ')}" in section
+    a, b = rss["sd15_sara_fixed-mmap_steps2"], rss["sd15_sara-backward-eager_fixed-mmap_steps2"]
+    assert f"1,764 → 1,473 MB again, {a:,.0f} → {b:,.0f} MB with the fixed threshold" in section
 
 
 def test_the_suite_cost_record_parses_row_by_row():

@@ -20,16 +20,17 @@ ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-6
 
 
-def _env():
+def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(extra)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return env
 
 
-def _run(cmd, timeout=1800):  # a ceiling against a hang only: busy machines are slow
-    out = subprocess.run([str(c) for c in cmd], env=_env(), capture_output=True, text=True, timeout=timeout,
+def _run(cmd, timeout=1800, **env):  # a ceiling against a hang only: busy machines are slow
+    out = subprocess.run([str(c) for c in cmd], env=_env(**env), capture_output=True, text=True, timeout=timeout,
                          check=False)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{(out.stdout + out.stderr)[-4000:]}"
 
@@ -55,6 +56,15 @@ def ddp_runs(tmp_path_factory):
     _run([sys.executable, script, out])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, out])
     return {name: _load(out, name) for name in ("single", "rank0", "rank1")}
+
+
+@pytest.fixture(scope="module")
+def ddp_graph_runs(tmp_path_factory):
+    """The same 2-process run with cuda_graphs=True and the CPU stand-in of a CUDA graph."""
+    out = tmp_path_factory.mktemp("ddp_graphs")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          SCRIPTS / "ddp_sara.py", out], SARA_EDU_GRAPH_STAND_IN="1")
+    return {name: _load(out, name) for name in ("rank0", "rank1")}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +118,18 @@ def test_ddp_resume_from_state_dict_equals_the_uninterrupted_run(ddp_runs):
     assert torch.equal(r0["resume/final"], r0["ddp/step5"])
     assert torch.equal(r1["resume/final"], r1["ddp/step5"])
     assert torch.equal(single["resume/final"], single["bare/step5"])
+
+
+def test_ddp_with_cuda_graphs_replays_the_eager_ddp_run_bit_for_bit(ddp_runs, ddp_graph_runs):
+    # the averaged gradients are copied into the graph's buffers in place; the replayed step is the eager one
+    for rank in ("rank0", "rank1"):
+        eager, _ = ddp_runs[rank]
+        graphed, facts = ddp_graph_runs[rank]
+        assert set(graphed) == {k for k in eager if not k.startswith("tied/")}
+        for key in graphed:
+            assert torch.equal(graphed[key], eager[key]), f"{rank} {key}"
+        for stats in (facts["ddp"]["graph_stats"], facts["bare"]["graph_stats"], facts["resume_graph_stats"]):
+            assert stats["replays"] >= 2, stats
 
 
 def test_ddp_never_holds_sara_weights_and_only_selected_values_travel(ddp_runs):

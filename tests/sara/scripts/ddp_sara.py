@@ -26,6 +26,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sara_edu.sara import SaRAAdamW
 
 GLOBAL_BATCH, ACCUMULATION, STEPS, PROGRESSIVE, MAX_NORM = 8, 2, 6, 3, 0.05
+# SARA_EDU_GRAPH_STAND_IN=1: the same training with cuda_graphs=True, the CUDA graph replaced by the CPU stand-in
+# of tests/sara/test_cuda_graph.py (the misuse checks are skipped)
+GRAPHS = os.environ.get("SARA_EDU_GRAPH_STAND_IN") == "1"
+if GRAPHS:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from test_cuda_graph import RecordedGraph
+
+    from sara_edu.sara import cuda_graph
+
+    cuda_graph.GRAPH_DEVICES = ("cuda", "cpu")
+    cuda_graph.new_graph = lambda device: RecordedGraph()
 
 
 class Tiny(nn.Module):
@@ -45,7 +56,7 @@ def build():
     torch.manual_seed(0)
     model = Tiny()
     opt = SaRAAdamW(model, lr=3e-2, fraction=0.3, rank_lambda=0.05, progressive_iter=PROGRESSIVE,
-                    weight_decay=0.1, seed=3)
+                    weight_decay=0.1, seed=3, cuda_graphs=GRAPHS)
     return model, opt
 
 
@@ -215,7 +226,7 @@ def main(out_dir):
             "emptied_weights": [s.name for s in opt.slots if s.idx.numel() == 0 and s.frozen],
             "bytes_communicated": opt.sync.bytes_communicated, "collectives": opt.sync.collectives,
             "bytes_per_sync_now": opt.sync.bytes_per_sync(), "selected": opt.selection.total_selected,
-            "trainable_now": opt.num_trainable,
+            "trainable_now": opt.num_trainable, "graph_stats": opt.graph_stats,
             "dense_grads": [n for n, p in model.named_parameters()
                             if p.grad is not None and type(p.grad) is torch.Tensor]}
 
@@ -233,14 +244,16 @@ def main(out_dir):
     opt.load_state_dict(state["opt"])
     train(model, opt, range(PROGRESSIVE, STEPS), rank, world, net=DDP(model) if world > 1 else None)
     record["resume/final"] = flat(model)
+    facts["resume_graph_stats"] = opt.graph_stats
 
-    facts["attach_after_wrapping"] = attach_after_wrapping(world)
-    facts["clip_inside_no_sync"] = clip_inside_no_sync(world)
-    facts["different_weights"] = different_weights(world)
-    facts["wrapped_before_attaching"] = wrapped_before_attaching(world)
-    facts["sara_on_a_submodule"] = sara_on_a_submodule(world)
-    facts["tied_ignored"] = tied_weights(world, rank, record)
-    facts["accelerate_not_distributed"], facts["accelerate_type"] = accelerate_not_distributed(world)
+    if not GRAPHS:
+        facts["attach_after_wrapping"] = attach_after_wrapping(world)
+        facts["clip_inside_no_sync"] = clip_inside_no_sync(world)
+        facts["different_weights"] = different_weights(world)
+        facts["wrapped_before_attaching"] = wrapped_before_attaching(world)
+        facts["sara_on_a_submodule"] = sara_on_a_submodule(world)
+        facts["tied_ignored"] = tied_weights(world, rank, record)
+        facts["accelerate_not_distributed"], facts["accelerate_type"] = accelerate_not_distributed(world)
     name = f"rank{rank}" if world > 1 else "single"
     save_file(record, os.path.join(out_dir, f"{name}.safetensors"))
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
