@@ -38,6 +38,7 @@ from .select import (
 from .stats import style_mean_stats
 from .tables import (
     LEGEND,
+    LEGEND_FIRST,
     SATURATION,
     ablation_table,
     budget_table,
@@ -201,7 +202,7 @@ def write_report(csv="reports/study_results.csv", out="reports/study.md", study:
                  "UNet. The controls train the same way in the other place (count-matched where they are sparse or "
                  "low-rank), so that each row below changes one thing. Prompt agreement per method (mean ± std over "
                  "seeds of the style average):", "", where_how_table(df), "",
-                 f"Paired differences between methods that differ in one thing ({LEGEND.split('. ')[0]}):", "",
+                 f"Paired differences between methods that differ in one thing ({LEGEND_FIRST}):", "",
                  controls, ""] + samples_section((folder, csv.parent), df.study.iloc[0])
     text += ["## What the numbers say", "", "Computed from the tables below.", ""]
     text += [f"- {line}" for line in findings(df)] + [""]

@@ -93,6 +93,8 @@ LEGEND = ("mean difference ± half its 95% t-interval over the pairs. ✓ better
           "margin; ? not detectable at this size: the interval holds 0 and reaches past the margin (in brackets, "
           "about how many pairs would settle it if the mean and spread stayed as measured). For FID and loss lower "
           "is better, so a negative difference is good. " + MARGINS_TEXT + ".")
+#: The legend's first sentence, for a table that shows the differences without the symbols.
+LEGEND_FIRST = LEGEND.split(". ")[0]
 
 
 # --------------------------------------------------------------------------- Table 1 and its neighbours

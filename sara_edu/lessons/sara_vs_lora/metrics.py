@@ -46,10 +46,10 @@ def where_how():
     differences of methods that differ in one thing, as Markdown for a notebook cell."""
     from IPython.display import Markdown
 
-    from ...study.tables import LEGEND, controls_table, where_how_table
+    from ...study.tables import LEGEND_FIRST, controls_table, where_how_table
 
     df = _committed_study("controls", "the where-versus-how table")
-    return Markdown("\n\n".join([where_how_table(df), f"Paired, one difference at a time ({LEGEND.split('. ')[0]}):",
+    return Markdown("\n\n".join([where_how_table(df), f"Paired, one difference at a time ({LEGEND_FIRST}):",
                                   controls_table(df)]))
 
 
