@@ -38,9 +38,10 @@ A graph reads and writes fixed addresses, so:
   param the optimizer does not own makes that step run eagerly.
 
 ``optimizer.graph_stats`` counts captures, replays and eager steps.
-Tested on the CPU with a recording stand-in for the graph (``tests/sara``)
-and on CUDA against the eager step (``tests/cuda``); whether it pays is
-measured by ``benchmarks/step_phases.py`` (method ``sara-graphs``) on a GPU.
+Tested on the CPU with a recording stand-in for the graph (``tests/sara``);
+``tests/cuda`` compares real graphs with the eager step on a GPU, and
+``benchmarks/step_phases.py`` (method ``sara-graphs``) measures whether it
+pays: neither has run yet, as no GPU has been lent (``benchmarks/gpu_check.sh``).
 """
 from __future__ import annotations
 
