@@ -233,9 +233,12 @@ class PlainForwardBackward(TrainingMethod):
 RUN = {"side": None, "max_grad_norm": 1.0, "tracker": True, "checkpointing": False}
 
 
-def _graph_stats(method) -> str:
+GRAPH_COLUMN = "cuda graphs (captures, replays, eager)"
+
+
+def graph_stats_text(optimizer) -> str:
     """``cuda_graphs=True``: how many steps captured a graph, replayed one, ran eagerly; else empty."""
-    stats = getattr(getattr(method, "optimizer", None), "graph_stats", None)
+    stats = getattr(optimizer, "graph_stats", None)
     return "" if stats is None else f"{stats['captures']}, {stats['replays']}, {stats['eager']}"
 
 
@@ -491,7 +494,7 @@ def run_worker(model: str, key: str, steps: int, tracked: bool, device) -> dict:
     row = {"method": label, "key": key, "trainable parameters": n, "step optimizer CPU times (s)": optimizer_cpu,
            "compilations": COMPILE_STATS["compilations"], "compile wall (s)": COMPILE_STATS["seconds"],
            "compilations in timed steps": COMPILE_STATS["compilations"] - compiled_before_timing["n"],
-           "cuda graphs (captures, replays, eager)": _graph_stats(method),
+           GRAPH_COLUMN: graph_stats_text(getattr(method, "optimizer", None)),
            "max_grad_norm": clip, "gradient checkpointing": RUN["checkpointing"],
            "peak RSS above loaded model (MB)": (peak_rss - rss_loaded) / MB if rss_reset else math.nan,
            "RSS after loading (MB)": rss_loaded / MB, "step CPU times (s)": cpu, "step wall times (s)": wall, **gpu}

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from memory_time import METHODS, SD15_NOISE, sd15_unet  # noqa: E402
+from memory_time import GRAPH_COLUMN, METHODS, SD15_NOISE, graph_stats_text, sd15_unet  # noqa: E402
 
 from sara_edu.training.loop import pick_device  # noqa: E402
 
@@ -106,9 +106,9 @@ def main(argv=None):
             row = {"batch": batch, "method": METHODS[key][0], "key": key}
             row.update({f"{p} (ms)": 1e3 * statistics.median(times[p]) for p in PHASES})
             row["step (ms)"] = sum(row[f"{p} (ms)"] for p in PHASES)
-            graphs = getattr(runs[key][1], "graph_stats", None)  # cuda_graphs: captures, replays, eager steps
-            if graphs is not None:
-                row["graphs"] = "{captures}/{replays}/{eager}".format(**graphs)
+            graphs = graph_stats_text(runs[key][1])  # cuda_graphs: captures, replays, eager steps
+            if graphs:
+                row[GRAPH_COLUMN] = graphs
             rows.append(row)
         del runs
         if cuda:

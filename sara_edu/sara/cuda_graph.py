@@ -165,12 +165,17 @@ def _run(plan: _Plan) -> None:
         flat.index_put_((codes,), values)
 
 
+def buffer_fits(buf: torch.Tensor | None, count: int, grad: torch.Tensor) -> bool:
+    """Whether ``buf`` can hold the ``count`` selected entries of ``grad`` (the weight's gradient, or them)."""
+    return buf is not None and buf.numel() == count and buf.dtype == grad.dtype and buf.device == grad.device
+
+
 def _grad_buffer(slot) -> torch.Tensor:
     """The fixed tensor that holds ``slot``'s selected gradient for the graph, holding this step's gradient."""
     g, buf = slot.values.grad, slot.grad_buffer
     if g is buf:
         return buf
-    if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
+    if not buffer_fits(buf, g.numel(), g):
         # this step's gradient becomes the buffer when it is a tensor of its own; else a new one
         buf = g if g._base is None and g.is_contiguous() else torch.empty_like(g, memory_format=torch.contiguous_format)
         slot.grad_buffer = buf
@@ -186,7 +191,8 @@ def _key(optimizer, slot_of: dict):
     The key holds every address and size the step's graph touches (the lr
     tensors aside: they are never reallocated) and every number baked into
     it; ``entries`` the (param group index, slot, values, state) of each
-    weight with a gradient. Built every step, so kept to the cheap calls.
+    weight with a gradient, whose gradient is then in its fixed buffer
+    (:func:`_grad_buffer`). Built every step, so kept to the cheap calls.
     """
     key, entries = [], []
     for gi, group in enumerate(optimizer.param_groups):

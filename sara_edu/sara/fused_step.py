@@ -43,7 +43,6 @@ from ..errors import ConfigError
 
 #: Compilations this process ran, and the wall seconds of the calls that compiled.
 COMPILE_STATS = {"compilations": 0, "seconds": 0.0}
-_KERNELS: dict = {}  # "kernel" -> the compiled function
 # On a CPU the generated kernel computes the new values into a buffer, then writes them back (the weight is
 # read and written): entries are passed in pieces of this many, so the buffer stays in the cache.
 CPU_PIECE = 1 << 16
@@ -74,10 +73,9 @@ def _update_entries(flat, idx, grad, exp_avg, exp_avg_sq, copy, coefficients, ta
     flat.index_put_((idx,), w.to(flat.dtype))
 
 
+@functools.cache
 def _kernel():
-    if "kernel" not in _KERNELS:
-        _KERNELS["kernel"] = torch.compile(_update_entries, dynamic=True, fullgraph=True)
-    return _KERNELS["kernel"]
+    return torch.compile(_update_entries, dynamic=True, fullgraph=True)
 
 
 def check_compile_option(compiled) -> None:

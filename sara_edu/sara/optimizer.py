@@ -66,7 +66,7 @@ from .distributed import (
     check_supported_setup,
     distributed_run,
 )
-from .cuda_graph import StepGraphs, check_graph_option
+from .cuda_graph import StepGraphs, buffer_fits, check_graph_option
 from .fused_step import check_compile_option
 from .grad import SelectedGrad
 from .in_backward import finish_step, hook_step
@@ -414,7 +414,7 @@ class SaRAAdamW(torch.optim.AdamW):
                 sel = g.values
             else:
                 buf = slot.grad_buffer  # cuda_graphs: the graph reads the gradient from this fixed tensor
-                if buf is not None and buf.numel() == slot.count and buf.dtype == g.dtype and buf.device == g.device:
+                if buffer_fits(buf, slot.count, g):
                     sel = torch.index_select(g.reshape(-1), 0, slot.idx, out=buf)
                 else:
                     sel = g.reshape(-1).index_select(0, slot.idx)
